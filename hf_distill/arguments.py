@@ -1,0 +1,145 @@
+"""Arguments: ``DistillationTrainingArguments`` (a ``TrainingArguments``) plus the CLI's model/data groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import TrainingArguments
+
+from .methods import METHODS, get_method
+
+# Each method may bring a dataclass of its own arguments; they all join one argument class,
+# so a new method adds its fields in its own module.
+_METHOD_ARGUMENTS = tuple(dict.fromkeys(m.arguments for m in METHODS.values() if m.arguments is not None))
+
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class DistillationTrainingArguments(*_METHOD_ARGUMENTS, TrainingArguments):
+    """``transformers.TrainingArguments`` plus what distillation needs.
+
+    Every Trainer argument still works. Method-specific arguments are documented with their
+    method; the defaults follow ``METHODS.md``.
+    """
+
+    teacher_model_name_or_path: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Teacher to load when none is passed to the trainer: a timm name, `hf-hub:org/name`, "
+            "`local-dir:PATH`, a transformers repo id or a local folder. Several values give several teachers."
+        },
+    )
+    teacher_revision: Optional[str] = field(
+        default=None, metadata={"help": "Hub revision (branch, tag or commit) of the teacher."}
+    )
+    distill_method: str = field(
+        default="kd", metadata={"help": f"Distillation method, one of: {', '.join(sorted(METHODS))}."}
+    )
+    temperature: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Softmax temperature T of the soft targets. Default depends on the method: "
+            + ", ".join(f"{n}={m.default_temperature}" for n, m in sorted(METHODS.items()))
+            + "."
+        },
+    )
+    alpha: float = field(
+        default=0.9,
+        metadata={"help": "Weight of the teacher (soft) term; (1 - alpha) weighs the label cross-entropy."},
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": f"dtype of the teacher's weights, one of {', '.join(TEACHER_DTYPES)}; `auto` follows "
+            "--bf16/--fp16 on an accelerator and float32 otherwise."
+        },
+    )
+    eval_teacher: bool = field(
+        default=True,
+        metadata={"help": "At the first evaluation, also report the teacher's accuracy (`eval_teacher_accuracy`)."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={
+            "help": "Kept False: image columns are turned into `pixel_values` by a dataset transform, and timm "
+            "models' `forward(x)` signature would make the Trainer drop them."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        method = get_method(self.distill_method)  # raises with the list of valid names
+        if self.temperature is None:
+            self.temperature = method.default_temperature
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got '{self.teacher_dtype}'")
+        method.validate(self)
+
+    @property
+    def teacher_names(self) -> list[str]:
+        """``teacher_model_name_or_path`` as a list (it may be given as one string)."""
+        value = self.teacher_model_name_or_path
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else list(value)
+
+
+@dataclass
+class ModelArguments:
+    """Which student to train (the teacher is in the training arguments)."""
+
+    student_model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Student: a timm name, `hf-hub:org/name`, `local-dir:PATH`, a transformers repo id or folder."},
+    )
+    student_pretrained: bool = field(
+        default=True,
+        metadata={"help": "For a timm architecture name: start from its pretrained weights (False: random init)."},
+    )
+    student_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of the student."})
+    teacher_pretrained: bool = field(
+        default=True, metadata={"help": "For a timm architecture name given as teacher: load its pretrained weights."}
+    )
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Hugging Face cache folder for models."})
+    in_chans: Optional[int] = field(
+        default=None, metadata={"help": "Input channels for timm students built by name (1 for grey images)."}
+    )
+    image_size: Optional[int] = field(
+        default=None, metadata={"help": "Input resolution the student is trained at (default: its data config)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from and how they are read."""
+
+    dataset_name: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A Hub dataset name, a folder saved with `save_to_disk`, an image folder "
+            "(`imagefolder` layout: one sub-folder per class), or `sklearn-digits` (embedded, offline)."
+        },
+    )
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    train_split: str = field(default="train", metadata={"help": "Split used for training."})
+    eval_split: Optional[str] = field(
+        default=None,
+        metadata={"help": "Split used for evaluation (default: `validation`, else `test`, else a held-out part of train)."},
+    )
+    eval_fraction: float = field(
+        default=0.15, metadata={"help": "Fraction of train held out for evaluation when no eval split exists."}
+    )
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "Column holding the class ids."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many training images."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many evaluation images."})
+    train_augmentation: str = field(
+        default="none",
+        metadata={"help": "`none` (resize + normalise) or `timm` (timm's training transform: random resized crop, flip)."},
+    )

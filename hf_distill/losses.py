@@ -1,0 +1,55 @@
+"""Distillation losses as pure functions of tensors (see ``METHODS.md`` for the formulas)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax_T(z_t) || softmax_T(z_s))`` with batch-mean reduction.
+
+    The ``T^2`` factor keeps gradient magnitudes independent of ``T`` (Hinton et al.).
+    Computed in float32 so half-precision logits do not underflow.
+    """
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Hinton KD: ``(1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(p_t || p_s)``.
+
+    Returns the total and its terms (unweighted) for logging. Without labels the CE term is 0.
+    """
+    kd = soft_kl(student_logits, teacher_logits, temperature)
+    if labels is None or alpha == 1.0:
+        ce = kd.new_zeros(())
+    else:
+        ce = F.cross_entropy(student_logits.float(), labels)
+    total = (1.0 - alpha) * ce + alpha * kd
+    return total, {"loss_ce": ce.detach(), "loss_kd": kd.detach()}
+
+
+def logit_mse(student_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """L2 logit regression ``1/2 * ||z_s - z_t||^2``, summed over classes, mean over the batch."""
+    diff = student_logits.float() - target_logits.float()
+    return 0.5 * diff.pow(2).sum(dim=-1).mean()
+
+
+def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """FitNets ``1/2 * ||r(h_s) - h_t||^2``, summed over a sample's features, mean over the batch."""
+    if student_features.shape != teacher_features.shape:
+        raise ValueError(
+            f"hint shapes differ: regressed student {tuple(student_features.shape)} "
+            f"vs teacher {tuple(teacher_features.shape)}"
+        )
+    diff = (student_features.float() - teacher_features.float()).flatten(1)
+    return 0.5 * diff.pow(2).sum(dim=1).mean()

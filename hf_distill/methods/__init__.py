@@ -1,0 +1,26 @@
+"""Registry of distillation methods: adding one is a new module and a line here."""
+
+from __future__ import annotations
+
+from .base import DistillationMethod, Progress, StepOutputs
+from .kd import KnowledgeDistillation, Supervised
+
+METHODS: dict[str, type[DistillationMethod]] = {
+    m.name: m
+    for m in (
+        KnowledgeDistillation,
+        Supervised,
+    )
+}
+
+
+def get_method(name: str) -> type[DistillationMethod]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown distill_method '{name}'; valid methods: {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+__all__ = ["METHODS", "DistillationMethod", "Progress", "StepOutputs", "get_method"]

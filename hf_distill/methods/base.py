@@ -1,0 +1,101 @@
+"""The one interface every distillation method implements.
+
+A method is a small object: it may add trainable modules (regressors, exits, branches),
+ask for intermediate features by module name, and turns one step's outputs into a loss
+plus named terms to log. The trainer does everything else (devices, precision, saving).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Progress:
+    """Where training stands, for schedules (stage-wise training, annealing)."""
+
+    step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
+
+
+@dataclass
+class StepOutputs:
+    """Everything a method may need to compute one batch's loss."""
+
+    student_logits: torch.Tensor
+    labels: torch.Tensor | None
+    teacher_logits: torch.Tensor | None = None
+    student_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra_outputs: dict[str, Any] = field(default_factory=dict)
+    progress: Progress = field(default_factory=Progress)
+
+
+class DistillationMethod:
+    """Base class; subclasses set ``name`` and implement :meth:`loss`.
+
+    ``arguments`` is an optional dataclass whose fields join
+    :class:`~hf_distill.DistillationTrainingArguments` (so a new method adds its own
+    arguments in its own file).
+    """
+
+    name: ClassVar[str]
+    arguments: ClassVar[type | None] = None
+    needs_teacher: ClassVar[bool] = True
+    default_temperature: ClassVar[float] = 4.0
+    paper: ClassVar[tuple[str, str] | None] = None  # (title, url) for model cards
+
+    def __init__(self, args):
+        self.args = args
+
+    @classmethod
+    def validate(cls, args) -> None:
+        """Raise ``ValueError`` for argument values this method cannot use."""
+
+    # --- set-up -------------------------------------------------------------------------
+    def student_layers(self) -> list[str]:
+        """Student modules whose outputs the loss needs (forward hooks are placed there)."""
+        return []
+
+    def teacher_layers(self) -> list[str]:
+        return []
+
+    def build_modules(self, student: nn.Module, teachers: list[nn.Module], probe: dict) -> nn.ModuleDict:
+        """Extra trainable modules, trained with the student and never exported with it.
+
+        ``probe`` holds the feature shapes found by one dry forward pass
+        (``probe["student"][layer]``, ``probe["teacher"][layer]``).
+        """
+        return nn.ModuleDict()
+
+    # --- training -----------------------------------------------------------------------
+    def forward_modules(self, modules: nn.ModuleDict, student_features: dict) -> dict[str, Any]:
+        """Run the extra modules on the student's features, inside the wrapped forward.
+
+        Runs under the data-parallel wrapper so the extra modules' gradients are reduced.
+        """
+        return {}
+
+    def loss(self, out: StepOutputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def trainable_parameters(self, student: nn.Module, progress: Progress) -> set[str] | None:
+        """Names of student parameters updated at this point, or ``None`` for all of them."""
+        return None
+
+    def log_values(self, progress: Progress) -> dict[str, float]:
+        """Scalars worth logging besides the loss terms (current weights of schedules)."""
+        return {}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The arguments that define this run of the method, for model cards."""
+        return {}

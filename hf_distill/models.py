@@ -1,0 +1,513 @@
+"""Loading, calling and saving models of either ecosystem (timm, transformers) or plain ``nn.Module``s.
+
+Everything that depends on *which kind* of model we hold lives here, so the trainer and
+the methods never branch on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 224
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Kinds of model
+# ---------------------------------------------------------------------------------------------
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def is_timm_model(model: nn.Module) -> bool:
+    # timm models carry a pretrained_cfg with an architecture name; nothing else does.
+    cfg = getattr(model, "pretrained_cfg", None)
+    return isinstance(cfg, dict) and "architecture" in cfg and not is_transformers_model(model)
+
+
+def model_family(model: nn.Module) -> str:
+    """``"transformers"``, ``"timm"`` or ``"torch"`` (any other classifier)."""
+    if is_transformers_model(model):
+        return "transformers"
+    if is_timm_model(model):
+        return "timm"
+    return "torch"
+
+
+def model_name(model: nn.Module) -> str:
+    """A short human name: the Hub id / path it was loaded from, else the architecture."""
+    source = getattr(model, "hf_distill_source", None)
+    if source:
+        return source
+    if is_transformers_model(model):
+        return getattr(model.config, "_name_or_path", "") or type(model).__name__
+    if is_timm_model(model):
+        return model.pretrained_cfg["architecture"]
+    return type(model).__name__
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """Logits from whatever a classifier returns: a tensor, a ``ModelOutput`` or a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"cannot find logits in model output of type {type(output).__name__}")
+    return logits
+
+
+def call_model(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Run a classifier the way its library expects and return its logits."""
+    if is_transformers_model(model):
+        return model(pixel_values=pixel_values).logits
+    return logits_of(model(pixel_values))
+
+
+def num_classes_of(model: nn.Module) -> int | None:
+    """Number of output classes, when the model declares it (``None`` for plain modules)."""
+    if is_transformers_model(model):
+        return int(model.config.num_labels)
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    return None
+
+
+def label_names_of(model: nn.Module) -> list[str] | None:
+    """Class names in index order, when the model carries them."""
+    if is_transformers_model(model):
+        id2label = getattr(model.config, "id2label", None) or {}
+        names = [id2label.get(i, id2label.get(str(i))) for i in range(model.config.num_labels)]
+        # transformers fills generic LABEL_i names by default: those carry no information
+        if all(n is not None for n in names) and not all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+            return [str(n) for n in names]
+        return None
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("label_names")
+    if isinstance(names, dict):
+        names = [names[k] for k in sorted(names, key=int)]
+    return list(names) if names else None
+
+
+def set_label_names(model: nn.Module, names: Sequence[str] | None) -> None:
+    """Record class names on the model so they are saved with it."""
+    if not names:
+        return
+    names = [str(n) for n in names]
+    if is_transformers_model(model):
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {n: i for i, n in enumerate(names)}
+    elif is_timm_model(model):
+        model.pretrained_cfg = {**model.pretrained_cfg, "label_names": names}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Input expectations (normalisation, size, channels)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model was trained to see: channels, size and normalisation of its input."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    image_size: tuple[int, int] = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    in_chans: int = 3
+    fixed_size: bool = False  # the model cannot take another size (ViT without dynamic size)
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        # One value per channel: a 3-value mean on a 1-channel image would silently broadcast.
+        object.__setattr__(self, "mean", _per_channel(self.mean, self.in_chans))
+        object.__setattr__(self, "std", _per_channel(self.std, self.in_chans))
+
+    def to_dict(self) -> dict:
+        return {
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "image_size": list(self.image_size),
+            "in_chans": self.in_chans,
+            "fixed_size": self.fixed_size,
+            "interpolation": self.interpolation,
+        }
+
+
+def _per_channel(values: Sequence[float], n: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == n:
+        return values
+    if len(values) == 1:
+        return values * n
+    if n == 1:
+        return (sum(values) / len(values),)
+    raise ValueError(f"{len(values)} normalisation values for a {n}-channel input")
+
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(s) for s in size)
+    return (size[-2], size[-1]) if len(size) >= 2 else (size[0], size[0])
+
+
+def input_spec(model: nn.Module) -> InputSpec:
+    """The input a model expects, from timm's data config or the transformers image processor.
+
+    ``load_model`` records the image processor of transformers checkpoints; a spec set with
+    :func:`set_input_spec` wins over both.
+    """
+    spec = getattr(model, "hf_distill_input_spec", None)
+    if isinstance(spec, InputSpec):
+        return spec
+    if is_transformers_model(model):
+        return _transformers_input_spec(model, getattr(model, "hf_distill_image_processor", None))
+    if hasattr(model, "pretrained_cfg"):
+        import timm.data
+
+        cfg = timm.data.resolve_model_data_config(model)
+        in_chans = int(cfg["input_size"][0])
+        return InputSpec(
+            mean=cfg["mean"],
+            std=cfg["std"],
+            image_size=_pair(cfg["input_size"]),
+            in_chans=in_chans,
+            fixed_size=bool(model.pretrained_cfg.get("fixed_input_size", False)),
+            interpolation=cfg.get("interpolation", "bilinear") or "bilinear",
+        )
+    return InputSpec()
+
+
+def set_input_spec(model: nn.Module, spec: InputSpec) -> None:
+    """Declare what a model expects (for plain modules, or to override a library's default)."""
+    model.hf_distill_input_spec = spec
+
+
+def _transformers_input_spec(model: nn.Module, processor: Any | None) -> InputSpec:
+    config = model.config
+    in_chans = int(getattr(config, "num_channels", 3) or 3)
+    # Patch-embedding models (ViT, DeiT, ...) take exactly config.image_size.
+    fixed = hasattr(config, "patch_size") and hasattr(config, "image_size")
+    size = _pair(getattr(config, "image_size", DEFAULT_IMAGE_SIZE) or DEFAULT_IMAGE_SIZE)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if processor is not None:
+        mean = tuple(getattr(processor, "image_mean", None) or mean)
+        std = tuple(getattr(processor, "image_std", None) or std)
+        psize = getattr(processor, "crop_size", None) or getattr(processor, "size", None)
+        if isinstance(psize, dict):
+            if "height" in psize and "width" in psize:
+                size = (int(psize["height"]), int(psize["width"]))
+            elif "shortest_edge" in psize and not fixed:
+                size = _pair(psize["shortest_edge"])
+    elif getattr(config, "model_type", "") in ("vit", "deit", "beit", "dinov2", "swin"):
+        mean, std = (0.5,) * 3, (0.5,) * 3  # these processors default to [-1, 1]
+    return InputSpec(mean=mean, std=std, image_size=size, in_chans=in_chans, fixed_size=fixed)
+
+
+class InputAdapter(nn.Module):
+    """Turns a batch prepared for one model into the batch another model expects.
+
+    Undo the source normalisation, match channels and (when the target needs it) size, then
+    apply the target normalisation. Identity when both specs agree, so it costs nothing then.
+    """
+
+    def __init__(self, source: InputSpec, target: InputSpec):
+        super().__init__()
+        self.source, self.target = source, target
+        same_norm = source.mean == target.mean and source.std == target.std
+        self.resize = target.fixed_size and tuple(source.image_size) != tuple(target.image_size)
+        self.identity = same_norm and source.in_chans == target.in_chans and not self.resize
+        if source.in_chans != target.in_chans and 1 not in (source.in_chans, target.in_chans):
+            raise ValueError(
+                f"cannot feed {source.in_chans}-channel images to a model that expects "
+                f"{target.in_chans} channels"
+            )
+        # x_target = x_source * scale + shift, folded into one affine per channel.
+        s_mean, s_std = torch.tensor(source.mean), torch.tensor(source.std)
+        t_mean, t_std = torch.tensor(target.mean), torch.tensor(target.std)
+        if source.in_chans == 1 and target.in_chans > 1:
+            s_mean, s_std = s_mean.expand(target.in_chans), s_std.expand(target.in_chans)
+        elif target.in_chans == 1 and source.in_chans > 1:
+            t_mean, t_std = t_mean.expand(source.in_chans), t_std.expand(source.in_chans)
+        self.register_buffer("scale", (s_std / t_std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return x
+        if self.source.in_chans == 1 and self.target.in_chans > 1:
+            x = x.expand(-1, self.target.in_chans, -1, -1)
+        x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        if self.target.in_chans == 1 and self.source.in_chans > 1:
+            x = x.mean(dim=1, keepdim=True)
+        if self.resize:
+            x = nn.functional.interpolate(
+                x, size=tuple(self.target.image_size), mode="bilinear", align_corners=False
+            )
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_timm_config(cfg: dict | None) -> bool:
+    return bool(cfg) and "architecture" in cfg and "model_type" not in cfg
+
+
+def _hub_config(repo_id: str, revision: str | None, cache_dir: str | None, token: Any) -> dict | None:
+    """The repo's config.json (from the cache when offline), or None if it has none."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        path = hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=cache_dir, token=token)
+    except EntryNotFoundError:
+        return None
+    except LocalEntryNotFoundError as err:
+        raise ModelLoadError(_offline_message(repo_id, revision)) from err
+    except RepositoryNotFoundError as err:
+        raise ModelLoadError(
+            f"'{repo_id}' is neither a local folder, a timm architecture nor a Hub repository "
+            "you can access (check the name, or log in with `hf auth login` / set HF_TOKEN for a "
+            "private repo)."
+        ) from err
+    return _read_json(Path(path))
+
+
+def _offline_message(repo_id: str, revision: str | None) -> str:
+    from huggingface_hub import constants
+
+    rev = f" (revision {revision})" if revision else ""
+    why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+    return (
+        f"cannot load '{repo_id}'{rev}: {why} and it is not in the local cache "
+        f"({constants.HF_HUB_CACHE}). Download it once with network access "
+        f"(`hf download {repo_id}`), point HF_HOME / cache_dir at a cache that holds it, "
+        "or pass a local folder."
+    )
+
+
+def load_model(
+    name_or_path: str,
+    num_labels: int | None = None,
+    *,
+    pretrained: bool = True,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    label_names: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Load an image classifier from timm or transformers.
+
+    ``name_or_path`` may be:
+
+    * ``hf-hub:org/name`` — a timm model on the Hub;
+    * a timm architecture name (``resnet18``), with ImageNet weights when ``pretrained``;
+    * ``local-dir:PATH`` or a local folder holding a timm ``config.json``;
+    * a local folder or Hub repo id with a transformers ``config.json``
+      (``AutoModelForImageClassification``); a local folder with a config but no weights
+      gives a freshly initialised model of that architecture.
+
+    ``num_labels`` replaces the classification head when it differs from the checkpoint's.
+    Extra ``kwargs`` go to ``timm.create_model`` or ``from_pretrained``.
+    """
+    name = str(name_or_path)
+    if name.startswith(("hf-hub:", "local-dir:")):
+        model = _load_timm(name, num_labels, pretrained=True, cache_dir=cache_dir, **kwargs)
+    elif os.path.isdir(name):
+        cfg = _read_json(Path(name) / "config.json")
+        if cfg is None:
+            raise ModelLoadError(f"folder '{name}' has no config.json: not a saved timm or transformers model")
+        if _is_timm_config(cfg):
+            model = _load_timm(f"local-dir:{name}", num_labels, pretrained=True, **kwargs)
+        else:
+            model = _load_transformers(name, num_labels, revision, cache_dir, token, **kwargs)
+    else:
+        import timm
+
+        if timm.is_model(name):
+            model = _load_timm(name, num_labels, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
+        else:
+            cfg = _hub_config(name, revision, cache_dir, token)
+            if _is_timm_config(cfg):
+                model = _load_timm(f"hf-hub:{name}", num_labels, pretrained=True, cache_dir=cache_dir, **kwargs)
+            else:
+                model = _load_transformers(name, num_labels, revision, cache_dir, token, **kwargs)
+    model.hf_distill_source = name
+    set_label_names(model, label_names)
+    return model
+
+
+def _load_timm(name: str, num_labels: int | None, pretrained: bool, cache_dir=None, **kwargs) -> nn.Module:
+    import timm
+
+    if num_labels is not None:
+        kwargs["num_classes"] = num_labels
+    if cache_dir is not None:
+        kwargs["cache_dir"] = cache_dir
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as err:  # timm raises many kinds; make the offline case readable
+        if _is_offline_error(err):
+            raise ModelLoadError(_offline_message(name.split(":", 1)[-1], None)) from err
+        raise
+
+
+def _load_transformers(name, num_labels, revision, cache_dir, token, **kwargs) -> nn.Module:
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    local = os.path.isdir(name)
+    has_weights = not local or any(
+        f.endswith((".safetensors", ".bin")) for f in os.listdir(name)
+    )
+    hub_kw = {"revision": revision, "cache_dir": cache_dir, "token": token}
+    try:
+        if has_weights:
+            extra = {}
+            if num_labels is not None:
+                extra = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+            model = AutoModelForImageClassification.from_pretrained(name, **hub_kw, **extra, **kwargs)
+        else:
+            config = AutoConfig.from_pretrained(name, **hub_kw)
+            if num_labels is not None:
+                config.num_labels = num_labels
+            logger.warning("'%s' has a config but no weights: the model starts from random init", name)
+            model = AutoModelForImageClassification.from_config(config, **kwargs)
+    except OSError as err:
+        if _is_offline_error(err):
+            raise ModelLoadError(_offline_message(name, revision)) from err
+        raise
+    try:
+        model.hf_distill_image_processor = AutoImageProcessor.from_pretrained(name, **hub_kw)
+    except (OSError, ValueError):
+        pass  # no processor saved: the spec falls back to the config's defaults
+    return model
+
+
+def _is_offline_error(err: BaseException) -> bool:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    while err is not None:
+        if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        text = str(err)
+        if "offline" in text.lower() or "couldn't connect" in text.lower() or "cannot find the requested files" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and reloading in each library's native format
+# ---------------------------------------------------------------------------------------------
+
+
+def save_native(model: nn.Module, output_dir: str | os.PathLike, state_dict: dict | None = None) -> str:
+    """Save a classifier so its own library loads it back; returns the family name.
+
+    timm: ``config.json`` + ``model.safetensors`` for ``timm.create_model("local-dir:DIR")``
+    (or ``hf-hub:`` once pushed). transformers: ``save_pretrained`` plus the image processor.
+    Plain modules: ``model.safetensors`` with the state dict.
+    """
+    import safetensors.torch
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    family = model_family(model)
+    if family == "transformers":
+        model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        processor = getattr(model, "hf_distill_image_processor", None) or _default_processor(model)
+        if processor is not None:
+            processor.save_pretrained(output_dir)
+    elif family == "timm":
+        from timm.models import save_for_hf
+
+        spec = input_spec(model)
+        save_for_hf(
+            model,
+            str(output_dir),
+            model_config={"label_names": label_names_of(model)} if label_names_of(model) else None,
+            safe_serialization=True,
+            data_config={"input_size": (spec.in_chans, *spec.image_size), "mean": spec.mean, "std": spec.std,
+                         "crop_pct": 1.0},
+        )
+        if state_dict is not None:  # save_for_hf saves the live weights; honour an explicit state dict
+            safetensors.torch.save_file(_contiguous(state_dict), str(output_dir / WEIGHTS_NAME))
+    else:
+        sd = state_dict if state_dict is not None else model.state_dict()
+        safetensors.torch.save_file(_contiguous(sd), str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    return family
+
+
+def _contiguous(sd: dict) -> dict:
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def _default_processor(model: nn.Module):
+    """An image processor matching the model's input, so pipelines work after export."""
+    from transformers import ViTImageProcessor  # a plain resize + normalise processor
+
+    spec = input_spec(model)
+    return ViTImageProcessor(
+        do_resize=True,
+        size={"height": spec.image_size[0], "width": spec.image_size[1]},
+        image_mean=list(spec.mean),
+        image_std=list(spec.std),
+    )
+
+
+def load_native_weights(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Load weights saved by :func:`save_native` into an existing model, in place."""
+    import safetensors.torch
+
+    path = Path(folder) / WEIGHTS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
+    state = safetensors.torch.load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # transformers drops tied/duplicated weights on save; anything else missing is an error.
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"weights in {path} do not fit the model: missing {missing}, unexpected {unexpected}")

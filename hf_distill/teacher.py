@@ -1,0 +1,72 @@
+"""Frozen teachers: loading, input adaptation, precision, and running without autograd."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .models import InputAdapter, InputSpec, call_model, input_spec, label_names_of, model_name, num_classes_of
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode (BatchNorm statistics and dropout fixed) and no gradients, for good."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def check_label_spaces(student: nn.Module, teachers: Sequence[nn.Module]) -> None:
+    """Raise if any teacher predicts a different set of classes than the student."""
+    n_student = num_classes_of(student)
+    names_student = label_names_of(student)
+    for i, teacher in enumerate(teachers):
+        who = f"teacher {i} ({model_name(teacher)})" if len(teachers) > 1 else f"teacher ({model_name(teacher)})"
+        n_teacher = num_classes_of(teacher)
+        if n_student is not None and n_teacher is not None and n_student != n_teacher:
+            raise ValueError(
+                f"class-count mismatch: the student ({model_name(student)}) predicts {n_student} classes but the "
+                f"{who} predicts {n_teacher}. Load the student with num_labels={n_teacher}, or use a teacher "
+                "trained on the same label set."
+            )
+        names_teacher = label_names_of(teacher)
+        if names_student and names_teacher and list(names_student) != list(names_teacher):
+            diff = [(i, s, t) for i, (s, t) in enumerate(zip(names_student, names_teacher)) if s != t][:5]
+            raise ValueError(
+                f"label names differ between the student and the {who}; first differences "
+                f"(index, student, teacher): {diff}"
+            )
+
+
+class Teachers(nn.Module):
+    """One or more frozen teachers that take batches prepared for the student.
+
+    Each teacher gets its own input adapter (re-normalisation, channels, size) so it sees
+    what it was trained on. Not a submodule of the trained model: it is never wrapped for
+    data parallel, never in the optimizer and never saved with the student.
+    """
+
+    def __init__(self, teachers: Sequence[nn.Module], student_spec: InputSpec):
+        super().__init__()
+        self.models = nn.ModuleList(freeze(t) for t in teachers)
+        self.adapters = nn.ModuleList(InputAdapter(student_spec, input_spec(t)) for t in teachers)
+
+    def train(self, mode: bool = True) -> "Teachers":
+        # train() would re-enable dropout and BatchNorm updates in a frozen teacher
+        return super().train(False)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Each teacher's logits (float32) on the batch."""
+        outs = []
+        for teacher, adapter in zip(self.models, self.adapters):
+            x = adapter(pixel_values)
+            weight = next(teacher.parameters(), None)
+            if weight is not None and weight.is_floating_point():
+                x = x.to(weight.dtype)
+            outs.append(call_model(teacher, x).float())
+        return outs

@@ -1,0 +1,320 @@
+"""``DistillationTrainer``: a ``transformers.Trainer`` that distills any image classifier into another."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .arguments import DistillationTrainingArguments
+from .data import collate_images
+from .methods import Progress, StepOutputs, get_method
+from .models import call_model, input_spec, load_model, load_native_weights, model_name, save_native
+from .teacher import Teachers, check_label_spaces
+
+logger = logging.getLogger(__name__)
+
+EXTRA_MODULES_NAME = "distill_modules.safetensors"
+
+
+class DistillationModel(nn.Module):
+    """The student plus the method's extra trainable modules (regressors, exits, branches).
+
+    This is what the Trainer optimises, wraps for data parallel and checkpoints, so the extra
+    modules are trained, gradient-synced and resumed exactly like the student. Only
+    ``student`` is exported.
+    """
+
+    def __init__(self, student: nn.Module, extras: nn.ModuleDict, method):
+        super().__init__()
+        self.student = student
+        self.extras = extras
+        self._method = method  # plain attribute: not a module, not saved
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
+        logits = call_model(self.student, pixel_values)
+        features: dict[str, torch.Tensor] = {}
+        extra = self._method.forward_modules(self.extras, features) if len(self.extras) else {}
+        return {"logits": logits, "features": features, "extra": extra}
+
+
+def _load_accuracy():
+    """``evaluate``'s accuracy metric, or None where it cannot be fetched (offline, first use)."""
+    try:
+        import evaluate
+
+        return evaluate.load("accuracy")
+    except Exception as err:  # evaluate fetches metric scripts from the Hub on first use
+        logger.info("evaluate.load('accuracy') unavailable (%s); computing accuracy locally", type(err).__name__)
+        return None
+
+
+_ACCURACY = None
+
+
+def accuracy_metrics(eval_pred) -> dict[str, float]:
+    """Default ``compute_metrics``: top-1 accuracy of the student's logits."""
+    global _ACCURACY
+    preds = eval_pred.predictions
+    if isinstance(preds, (tuple, list)):
+        preds = preds[0]
+    pred_ids = np.asarray(preds).argmax(-1)
+    labels = np.asarray(eval_pred.label_ids)
+    if _ACCURACY is None:
+        _ACCURACY = _load_accuracy() or False
+    if _ACCURACY:
+        return {"accuracy": float(_ACCURACY.compute(predictions=pred_ids, references=labels)["accuracy"])}
+    return {"accuracy": float((pred_ids == labels).mean())}
+
+
+class DistillationTrainer(Trainer):
+    """Distill a teacher (or the student itself) into a student with any method of :mod:`hf_distill.methods`.
+
+    Args:
+        model: the student: a timm model, a transformers ``*ForImageClassification`` model,
+            any ``nn.Module`` returning logits, or a name for :func:`~hf_distill.load_model`.
+        teacher_model: a teacher module (or a list of them). ``None`` loads
+            ``args.teacher_model_name_or_path``.
+        args: :class:`DistillationTrainingArguments`.
+        Everything else is passed to ``transformers.Trainer``. ``data_collator`` defaults to
+        stacking ``pixel_values``/``labels`` and ``compute_metrics`` to accuracy.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str | None = None,
+        teacher_model: nn.Module | Sequence[nn.Module] | None = None,
+        args: DistillationTrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        **kwargs,
+    ):
+        if args is None:
+            args = DistillationTrainingArguments(output_dir="hf_distill_output")
+        if not isinstance(args, DistillationTrainingArguments):
+            raise TypeError("args must be DistillationTrainingArguments (it extends TrainingArguments)")
+        if model is None:
+            raise ValueError("pass the student as `model=` (a module or a name for load_model)")
+        student = load_model(model) if isinstance(model, str) else model
+
+        self.method = get_method(args.distill_method)(args)
+        teachers = self._resolve_teachers(teacher_model, args, student)
+        if self.method.needs_teacher and not teachers:
+            raise ValueError(
+                f"distill_method='{args.distill_method}' needs a teacher: pass teacher_model= or set "
+                "teacher_model_name_or_path"
+            )
+        check_label_spaces(student, teachers)
+        self.student_spec = input_spec(student)
+        self.teachers = Teachers(teachers, self.student_spec)
+        extras = self.method.build_modules(student, list(self.teachers.models), probe={})
+        self._teacher_metrics: dict[str, float] = {}
+        self._logged_terms: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+        super().__init__(
+            model=DistillationModel(student, extras, self.method),
+            args=args,
+            data_collator=data_collator or collate_images,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics or accuracy_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            **kwargs,
+        )
+        # A timm model's forward(x) names no labels: tell the Trainer where they are.
+        self.label_names = ["labels"]
+        # compute_loss returns a per-batch mean, so the Trainer scales it for accumulation.
+        self.model_accepts_loss_kwargs = False
+        self.teachers.to(device=self.args.device, dtype=self._teacher_dtype())
+
+    # ------------------------------------------------------------------ set-up helpers
+    @staticmethod
+    def _resolve_teachers(teacher_model, args, student) -> list[nn.Module]:
+        if teacher_model is not None:
+            return list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
+        return [
+            load_model(name, num_labels=None, revision=args.teacher_revision)
+            for name in args.teacher_names
+        ] if args.teacher_names else []
+
+    def _teacher_dtype(self) -> torch.dtype:
+        choice = self.args.teacher_dtype
+        if choice == "auto":
+            on_accelerator = self.args.device.type not in ("cpu", "mps")
+            if self.args.bf16 and on_accelerator:
+                return torch.bfloat16
+            if self.args.fp16 and on_accelerator:
+                return torch.float16
+            return torch.float32
+        return getattr(torch, choice)
+
+    @property
+    def student(self) -> nn.Module:
+        """The student being trained (unwrapped)."""
+        return self.accelerator.unwrap_model(self.model).student
+
+    @property
+    def extra_modules(self) -> nn.ModuleDict:
+        return self.accelerator.unwrap_model(self.model).extras
+
+    @property
+    def progress(self) -> Progress:
+        return Progress(step=self.state.global_step, max_steps=self.state.max_steps, epoch=self.state.epoch or 0.0)
+
+    # ------------------------------------------------------------------ training
+    def teacher_logits(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """The teachers' logits on a student batch (mean over teachers), without autograd."""
+        if not len(self.teachers):
+            return None
+        with self.accelerator.autocast():
+            outs = self.teachers(pixel_values)
+        return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pixel_values, labels = inputs["pixel_values"], inputs.get("labels")
+        out = model(pixel_values=pixel_values)
+        teacher_logits = self.teacher_logits(pixel_values) if self.method.needs_teacher else None
+        if teacher_logits is not None and teacher_logits.shape[-1] != out["logits"].shape[-1]:
+            raise ValueError(
+                f"class-count mismatch: the student outputs {out['logits'].shape[-1]} logits but the teacher "
+                f"outputs {teacher_logits.shape[-1]}"
+            )
+        step = StepOutputs(
+            student_logits=out["logits"],
+            labels=labels,
+            teacher_logits=teacher_logits,
+            student_features=out["features"],
+            extra_outputs=out["extra"],
+            progress=self.progress,
+        )
+        loss, terms = self.method.loss(step)
+        if model.training:
+            for key, value in terms.items():
+                self._logged_terms[key].append(value.detach().float())
+        return (loss, out) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        trainable = self.method.trainable_parameters(self.student, self.progress)
+        if trainable is not None:
+            # Parameters outside the current stage must not move at all (not even by weight
+            # decay): optimizers skip parameters whose grad is None.
+            for name, param in self.student.named_parameters():
+                if name not in trainable:
+                    param.grad = None
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._logged_terms and not any(k.startswith("eval_") for k in logs):
+            for key, values in self._logged_terms.items():
+                mean = torch.stack(values).mean()
+                logs[key] = round(self.accelerator.reduce(mean, reduction="mean").item(), 6)
+            self._logged_terms.clear()
+            logs.update(self.method.log_values(self.progress))
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ evaluation
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Student logits and label cross-entropy (``eval_loss`` is the student's CE for every method)."""
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        with torch.no_grad(), self.autocast_smart_context_manager():
+            out = model(pixel_values=inputs["pixel_values"])
+        logits = out["logits"].float()
+        loss = F.cross_entropy(logits, labels).detach() if labels is not None else None
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, logits.detach(), labels
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if len(self.teachers) and self.args.eval_teacher:
+            if metric_key_prefix not in self._teacher_metrics:
+                self._teacher_metrics[metric_key_prefix] = self._teacher_accuracy(dataloader)
+            output.metrics[f"{metric_key_prefix}_teacher_accuracy"] = self._teacher_metrics[metric_key_prefix]
+        return output
+
+    @torch.no_grad()
+    def _teacher_accuracy(self, dataloader) -> float:
+        """Accuracy of the (mean) teacher on the evaluation data, gathered over processes."""
+        correct, total = 0, 0
+        for batch in dataloader:
+            batch = self._prepare_inputs(batch)
+            preds = self.teacher_logits(batch["pixel_values"]).argmax(-1)
+            preds, labels = self.accelerator.gather_for_metrics((preds, batch["labels"]))
+            correct += int((preds == labels).sum())
+            total += int(labels.numel())
+        return correct / max(total, 1)
+
+    # ------------------------------------------------------------------ saving & resuming
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the student alone, in its own library's format (plus card and arguments)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        student_state = None
+        if state_dict is not None:
+            student_state = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
+        save_native(self.student, output_dir, state_dict=student_state)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(_without_secrets(self.args), os.path.join(output_dir, "training_args.bin"))
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        # Extra modules live only in checkpoints (to resume), never in the exported student.
+        if self.args.should_save and len(self.extra_modules):
+            import safetensors.torch
+
+            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            state = {k: v.detach().contiguous() for k, v in self.extra_modules.state_dict().items()}
+            safetensors.torch.save_file(state, os.path.join(folder, EXTRA_MODULES_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        container = self.accelerator.unwrap_model(model if model is not None else self.model)
+        load_native_weights(container.student, resume_from_checkpoint)
+        extras_path = os.path.join(resume_from_checkpoint, EXTRA_MODULES_NAME)
+        if len(container.extras):
+            if not os.path.exists(extras_path):
+                raise FileNotFoundError(
+                    f"checkpoint {resume_from_checkpoint} has no {EXTRA_MODULES_NAME}: it was not written by a "
+                    f"'{self.args.distill_method}' run, so its extra modules cannot be restored"
+                )
+            import safetensors.torch
+
+            container.extras.load_state_dict(safetensors.torch.load_file(extras_path))
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    def teacher_description(self) -> list[str]:
+        return [model_name(t) for t in self.teachers.models]
+
+
+def _without_secrets(args: DistillationTrainingArguments) -> DistillationTrainingArguments:
+    """A copy of the arguments with tokens removed, safe to save next to the model."""
+    import copy
+
+    clean = copy.copy(args)
+    for key in ("hub_token", "push_to_hub_token"):
+        if hasattr(clean, key):
+            setattr(clean, key, None)
+    return clean
