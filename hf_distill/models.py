@@ -198,10 +198,15 @@ def input_spec(model: nn.Module) -> InputSpec:
 
         cfg = timm.data.resolve_model_data_config(model)
         in_chans = int(cfg["input_size"][0])
+        size = _pair(cfg["input_size"])
+        # timm keeps the default size in pretrained_cfg when a ViT is built with another img_size
+        patch_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if patch_size:
+            size = _pair(patch_size)
         return InputSpec(
             mean=cfg["mean"],
             std=cfg["std"],
-            image_size=_pair(cfg["input_size"]),
+            image_size=size,
             in_chans=in_chans,
             fixed_size=bool(model.pretrained_cfg.get("fixed_input_size", False)),
             interpolation=cfg.get("interpolation", "bilinear") or "bilinear",
@@ -224,12 +229,16 @@ def _transformers_input_spec(model: nn.Module, processor: Any | None) -> InputSp
     if processor is not None:
         mean = tuple(getattr(processor, "image_mean", None) or mean)
         std = tuple(getattr(processor, "image_std", None) or std)
-        psize = getattr(processor, "crop_size", None) or getattr(processor, "size", None)
-        if isinstance(psize, dict):
-            if "height" in psize and "width" in psize:
-                size = (int(psize["height"]), int(psize["width"]))
-            elif "shortest_edge" in psize and not fixed:
-                size = _pair(psize["shortest_edge"])
+        crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+        psize = crop or getattr(processor, "size", None)
+        def get(key):  # size is a dict in transformers 4, a SizeDict object in 5
+            return psize.get(key) if isinstance(psize, dict) else getattr(psize, key, None)
+
+        if psize is not None:
+            if get("height") and get("width"):
+                size = (int(get("height")), int(get("width")))
+            elif get("shortest_edge") and not fixed:
+                size = _pair(get("shortest_edge"))
     elif getattr(config, "model_type", "") in ("vit", "deit", "beit", "dinov2", "swin"):
         mean, std = (0.5,) * 3, (0.5,) * 3  # these processors default to [-1, 1]
     return InputSpec(mean=mean, std=std, image_size=size, in_chans=in_chans, fixed_size=fixed)

@@ -122,6 +122,8 @@ class DistillationTrainer(Trainer):
         self.teachers = Teachers(teachers, self.student_spec)
         extras = self.method.build_modules(student, list(self.teachers.models), probe={})
         self._teacher_metrics: dict[str, float] = {}
+        # Facts for the model card that the arguments do not hold (dataset, license, ...).
+        self.card_info: dict[str, Any] = {}
         self._logged_terms: dict[str, list[torch.Tensor]] = defaultdict(list)
 
         super().__init__(

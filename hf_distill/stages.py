@@ -1,0 +1,655 @@
+"""A classifier viewed as ``stem -> stages[0..K-1] -> head``.
+
+Several distillation methods need to run a model piece by piece:
+
+* SFTN attaches *student branches*: the rest of the student is run from the output of an
+  intermediate teacher stage (:meth:`StagedModel.forward_from`);
+* Be-Your-Own-Teacher puts an exit after every stage and, at inference, runs stage by stage and
+  stops early (:meth:`StagedModel.stem`, :meth:`StagedModel.run_stage`, :meth:`StagedModel.head`);
+* FitNets' ``"auto"`` hint layer is the middle stage (:func:`stage_names`).
+
+:func:`split_model` builds such a view without copying any parameter.  For the built-in families
+the split reproduces the model's own ``forward`` operation by operation, so
+``split(x)`` is bit-identical to ``model(x)`` (``.logits`` for transformers models), and the output
+of stage ``i`` is exactly the output of the module named ``stage_names[i]`` in the normal forward
+(forward hooks registered on those names see the same tensors).
+
+Built-in families (detected by class, never by instance name):
+
+=============================  =========================================  ===============================  ==================================
+family                         stem                                       stages (default)                 head
+=============================  =========================================  ===============================  ==================================
+timm ``ResNet`` (+ -D, wide)   conv1, bn1, act1, maxpool                  layer1 .. layer4                 forward_head
+timm ``ConvNeXt``              stem                                       stages.0 .. stages.3             norm_pre, forward_head
+timm ``EfficientNet``          conv_stem, bn1                             blocks.0 .. blocks.N-1           conv_head, bn2, forward_head
+(EfficientNet, MobileNetV2)
+timm ``MobileNetV3``           conv_stem, bn1                             blocks.0 .. blocks.N-1           forward_head (global_pool,
+                                                                                                           conv_head, norm_head, act2, ...)
+timm ``RegNet``                stem                                       s1 .. s4                         final_conv, forward_head
+timm ``VGG``                   (nothing)                                  features.<i> for every MaxPool   remaining features, pre_logits,
+                                                                                                           head
+timm ``VisionTransformer``     patch_embed, _pos_embed, patch_drop,       ``num_groups`` (default 4)       norm, forward_head
+(ViT, DeiT, DeiT-distilled)    norm_pre                                   groups of blocks; stage name =
+                                                                          last block of the group
+HF ``ResNetFor...``            resnet.embedder                            resnet.encoder.stages.<i>        resnet.pooler, classifier
+HF ``ConvNextFor...``          convnext.embeddings                        convnext.encoder.stages.<i>      layernorm(mean over H, W),
+                                                                                                           classifier
+HF ``ViTFor...``               (dtype cast), vit.embeddings               ``num_groups`` groups of         vit.layernorm, [CLS] token,
+                                                                          vit.layers (vit.encoder.layer)   classifier
+=============================  =========================================  ===============================  ==================================
+
+Anything else can be split by declaring it: ``split_model(model, stage_names=[...], stem=[...],
+head=[...])`` (``stage_modules`` / ``stem_modules`` / ``head_modules`` in the arguments), each a
+sequence of module names applied in order; see :class:`UnsupportedModelError`.
+
+Gradient checkpointing flags (``grad_checkpointing`` in timm, ``gradient_checkpointing`` in
+transformers) are ignored: the split always runs the modules plainly (same values, more memory).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "StagedModel",
+    "UnsupportedModelError",
+    "split_model",
+    "stage_names",
+    "PSEUDO_MODULES",
+]
+
+# A step is a module name (called as ``model.get_submodule(name)(h)``, or one of the
+# pseudo-names) or a picklable callable ``fn(model, h) -> h``.
+Step = Union[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]]
+
+
+def _pseudo_flatten(h: torch.Tensor) -> torch.Tensor:
+    return torch.flatten(h, 1)
+
+
+def _pseudo_avgpool(h: torch.Tensor) -> torch.Tensor:
+    if h.dim() == 4:  # [B, C, H, W] -> [B, C]
+        return F.adaptive_avg_pool2d(h, 1).flatten(1)
+    if h.dim() == 3:  # [B, N, C] tokens -> [B, C]
+        return h.mean(dim=1)
+    if h.dim() == 2:
+        return h
+    raise ValueError(f"'avgpool' expects a [B, C, H, W] or [B, N, C] tensor, got shape {tuple(h.shape)}")
+
+
+#: Pseudo-module names accepted in declared splits (used only when the model has no submodule of
+#: that name): ``"flatten"`` = ``torch.flatten(h, 1)``; ``"avgpool"`` = global average pool to
+#: ``[B, C]`` (``adaptive_avg_pool2d(h, 1).flatten(1)`` for 4-D maps, mean over tokens for 3-D).
+PSEUDO_MODULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "flatten": _pseudo_flatten,
+    "avgpool": _pseudo_avgpool,
+}
+
+_DECLARE_HELP = """\
+Declare the split with the arguments `stage_modules`, `stem_modules` and `head_modules` \
+(in Python: `split_model(model, stage_names=..., stem=..., head=...)`). Each is a sequence of \
+module names as they appear in `model.named_modules()`, applied in order: the model's forward \
+must be equivalent to `stem modules -> stage modules -> head modules`, each module taking the \
+previous one's output. Stage i is the single module `stage_modules[i]`; its output is what \
+stage-based methods see. `stem_modules` may be empty; `head_modules` may use the pseudo-names \
+"flatten" (torch.flatten(h, 1)) and "avgpool" (global average pool to [B, C]). Example for \
+torchvision's resnet18:
+    stem_modules:  [conv1, bn1, relu, maxpool]
+    stage_modules: [layer1, layer2, layer3, layer4]
+    head_modules:  [avgpool, flatten, fc]"""
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a built-in family and no (valid) stem / stages / head split was declared.
+
+    The message explains how to declare one with ``stage_modules``, ``stem_modules`` and
+    ``head_modules`` (``split_model(model, stage_names=..., stem=..., head=...)``).
+    """
+
+
+def _apply_step(model: nn.Module, step: Step, h):
+    if isinstance(step, str):
+        try:
+            module = model.get_submodule(step)
+        except AttributeError:
+            pseudo = PSEUDO_MODULES.get(step)
+            if pseudo is None:
+                raise
+            return pseudo(h)
+        return module(h)
+    return step(model, h)
+
+
+def _step_label(step: Step) -> str:
+    if isinstance(step, str):
+        return step
+    if isinstance(step, functools.partial):
+        args = ", ".join(repr(a) for a in step.args)
+        return f"{step.func.__name__.lstrip('_')}({args})"
+    return getattr(step, "__name__", repr(step)).lstrip("_")
+
+
+class StagedModel(nn.Module):
+    """View of a classifier as stem -> stages[0..K-1] -> head; shares the model's parameters (no copies).
+
+    Attributes:
+        model: the wrapped model (a registered submodule, so ``parameters()``, ``train()``,
+            ``to()`` ... act on it).
+        stage_names: dotted module names (as in ``model.named_modules()``) whose outputs are the
+            stage outputs.
+        family: which split was used (e.g. ``"timm.ResNet"``, ``"declared"``).
+
+    ``forward(x)`` returns the logits tensor (also for transformers models, whose own forward
+    returns an output object with ``.logits``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stem: Sequence[Step],
+        stages: Sequence[Sequence[Step]],
+        head: Sequence[Step],
+        stage_names: Sequence[str],
+        family: str = "declared",
+    ):
+        super().__init__()
+        if len(stages) == 0:
+            raise ValueError("a StagedModel needs at least one stage")
+        if len(stages) != len(stage_names):
+            raise ValueError(f"{len(stages)} stages but {len(stage_names)} stage names")
+        self.model = model
+        self._stem_steps: tuple[Step, ...] = tuple(stem)
+        self._stage_steps: tuple[tuple[Step, ...], ...] = tuple(tuple(s) for s in stages)
+        self._head_steps: tuple[Step, ...] = tuple(head)
+        self.stage_names: list[str] = list(stage_names)
+        self.family = family
+
+    # ------------------------------------------------------------------ pieces
+    def stem(self, x):
+        """Input -> input of stage 0."""
+        h = x
+        for step in self._stem_steps:
+            h = _apply_step(self.model, step, h)
+        return h
+
+    def run_stage(self, i: int, h):
+        """Input of stage ``i`` -> output of stage ``i`` (= output of module ``stage_names[i]``)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"stage index {i} out of range for {len(self)} stages")
+        for step in self._stage_steps[i]:
+            h = _apply_step(self.model, step, h)
+        return h
+
+    def head(self, h):
+        """Output of the last stage -> logits."""
+        for step in self._head_steps:
+            h = _apply_step(self.model, step, h)
+        return h
+
+    # ------------------------------------------------------------------ compositions
+    def forward(self, x):
+        """stem -> all stages -> head; equals the model's own logits."""
+        return self.forward_from(0, self.stem(x))
+
+    def forward_from(self, i: int, h):
+        """Run stages ``i .. K-1`` then the head on ``h``, the input of stage ``i``.
+
+        ``h`` is ``stem(x)`` for ``i == 0`` and the output of stage ``i - 1`` otherwise;
+        ``i == K`` runs the head only.
+        """
+        k = len(self)
+        if not 0 <= i <= k:
+            raise IndexError(f"forward_from: stage index {i} not in [0, {k}]")
+        for j in range(i, k):
+            h = self.run_stage(j, h)
+        return self.head(h)
+
+    def forward_stages(self, x):
+        """Return ``(stage_outputs, logits)`` in one pass (``stage_outputs[i]`` = output of stage i)."""
+        h = self.stem(x)
+        outputs = []
+        for i in range(len(self)):
+            h = self.run_stage(i, h)
+            outputs.append(h)
+        return outputs, self.head(h)
+
+    def __len__(self) -> int:
+        return len(self._stage_steps)
+
+    # ------------------------------------------------------------------ introspection
+    def describe(self) -> dict:
+        """Human-readable description of the split: ``{"family", "stem", "stages", "head"}``."""
+        return {
+            "family": self.family,
+            "stem": [_step_label(s) for s in self._stem_steps],
+            "stages": [[_step_label(s) for s in stage] for stage in self._stage_steps],
+            "head": [_step_label(s) for s in self._head_steps],
+        }
+
+    def check(self, x, atol: float = 0.0) -> None:
+        """Raise ``AssertionError`` unless ``self(x)`` matches the model's own logits
+        (exactly by default). Useful to validate a declared split; runs under ``no_grad``."""
+        with torch.no_grad():
+            ref = _logits(self.model(x))
+            out = self(x)
+        if isinstance(ref, (tuple, list)) or isinstance(out, (tuple, list)):
+            pairs = list(zip(ref, out)) if isinstance(ref, (tuple, list)) else [(ref, out)]
+        else:
+            pairs = [(ref, out)]
+        for r, o in pairs:
+            ok = torch.equal(r, o) if atol == 0 else torch.allclose(r, o, atol=atol, rtol=0)
+            if not ok:
+                diff = (r.float() - o.float()).abs().max().item() if r.shape == o.shape else "shape mismatch"
+                raise AssertionError(
+                    f"staged forward differs from the model's forward (max abs diff {diff}); "
+                    f"split: {self.describe()}"
+                )
+
+    def extra_repr(self) -> str:
+        return f"family={self.family!r}, stage_names={self.stage_names}"
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+# ====================================================================== family specs
+class _Spec:
+    """Internal description of a built-in family.
+
+    ``units`` are the module names run in sequence between stem and head (each with a step
+    callable); ``candidates`` are the units allowed to end a stage; ``default_groups`` is the
+    default number of stages (``None``: every candidate ends a stage).
+    """
+
+    def __init__(self, family, stem, units, head, candidates=None, default_groups=None):
+        self.family = family
+        self.stem = list(stem)
+        self.units: list[tuple[str, Step]] = list(units)
+        self.head = list(head)
+        names = [n for n, _ in self.units]
+        self.candidates = list(candidates) if candidates is not None else names
+        self.default_groups = default_groups
+
+
+def _even_ends(n: int, k: int) -> list[int]:
+    """Indices (into a list of ``n``) of the ends of ``k`` groups as even as possible."""
+    k = max(1, min(k, n))
+    base, rem = divmod(n, k)
+    ends, pos = [], -1
+    for g in range(k):
+        pos += base + (1 if g < rem else 0)
+        ends.append(pos)
+    return ends
+
+
+def _build_from_spec(model, spec: _Spec, stage_names, num_groups) -> StagedModel:
+    unit_names = [n for n, _ in spec.units]
+    index = {n: i for i, n in enumerate(unit_names)}
+    if stage_names is None:
+        k = num_groups if num_groups is not None else spec.default_groups
+        if k is None or k >= len(spec.candidates):
+            ends_names = list(spec.candidates)
+        else:
+            if k < 1:
+                raise ValueError(f"num_groups must be >= 1, got {k}")
+            ends_names = [spec.candidates[j] for j in _even_ends(len(spec.candidates), k)]
+    else:
+        ends_names = list(stage_names)
+        bad = [n for n in ends_names if n not in spec.candidates]
+        if bad or not ends_names:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} ({spec.family}): stage names {bad or ends_names} cannot end a "
+                f"stage of the built-in split. Valid stage names, in order: {spec.candidates}. "
+                "To split the model differently, declare stem and head as well. " + _DECLARE_HELP
+            )
+        idx = [index[n] for n in ends_names]
+        if any(b <= a for a, b in zip(idx, idx[1:])):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} ({spec.family}): stage names must be distinct and in forward "
+                f"order; got {ends_names}. Valid stage names, in order: {spec.candidates}."
+            )
+    stages, start = [], 0
+    for name in ends_names:
+        end = index[name]
+        stages.append([step for _, step in spec.units[start:end + 1]])
+        start = end + 1
+    # units after the last stage (only when the caller stopped early) belong to the head
+    head = [step for _, step in spec.units[start:]] + spec.head
+    return StagedModel(model, spec.stem, stages, head, ends_names, family=spec.family)
+
+
+def _module_unit(name: str) -> tuple[str, Step]:
+    return (name, name)
+
+
+# ---------------------------------------------------------------------- timm
+# Step callables are module-level functions (picklable, and they look modules up on the model at
+# call time, so deep copies and replaced submodules behave).
+
+def _timm_forward_head(model, h):
+    return model.forward_head(h)
+
+
+def _timm_vit_pos_embed(model, h):
+    return model._pos_embed(h)
+
+
+def _timm_families():
+    try:
+        from timm.models.convnext import ConvNeXt
+        from timm.models.efficientnet import EfficientNet
+        from timm.models.mobilenetv3 import MobileNetV3
+        from timm.models.regnet import RegNet
+        from timm.models.resnet import ResNet
+        from timm.models.vgg import VGG
+        from timm.models.vision_transformer import VisionTransformer
+    except Exception:  # timm missing or reorganised
+        return []
+    return [
+        (ResNet, _spec_timm_resnet),
+        (ConvNeXt, _spec_timm_convnext),
+        (EfficientNet, _spec_timm_efficientnet),
+        (MobileNetV3, _spec_timm_mobilenetv3),
+        (RegNet, _spec_timm_regnet),
+        (VGG, _spec_timm_vgg),
+        (VisionTransformer, _spec_timm_vit),
+    ]
+
+
+def _spec_timm_resnet(model):
+    # forward_features: conv1, bn1, act1, maxpool, layer1..layer4; forward_head: global_pool, dropout, fc
+    return _Spec(
+        "timm.ResNet",
+        stem=["conv1", "bn1", "act1", "maxpool"],
+        units=[_module_unit(f"layer{i}") for i in range(1, 5)],
+        head=[_timm_forward_head],
+    )
+
+
+def _spec_timm_convnext(model):
+    # forward_features: stem, stages, norm_pre; forward_head: head
+    return _Spec(
+        "timm.ConvNeXt",
+        stem=["stem"],
+        units=[_module_unit(f"stages.{i}") for i in range(len(model.stages))],
+        head=["norm_pre", _timm_forward_head],
+    )
+
+
+def _spec_timm_efficientnet(model):
+    # forward_features: conv_stem, bn1, blocks, conv_head, bn2; forward_head: global_pool, dropout, classifier
+    return _Spec(
+        "timm.EfficientNet",
+        stem=["conv_stem", "bn1"],
+        units=[_module_unit(f"blocks.{i}") for i in range(len(model.blocks))],
+        head=["conv_head", "bn2", _timm_forward_head],
+    )
+
+
+def _spec_timm_mobilenetv3(model):
+    # forward_features: conv_stem, bn1, blocks;
+    # forward_head: global_pool, conv_head, norm_head, act2, flatten, dropout, classifier
+    return _Spec(
+        "timm.MobileNetV3",
+        stem=["conv_stem", "bn1"],
+        units=[_module_unit(f"blocks.{i}") for i in range(len(model.blocks))],
+        head=[_timm_forward_head],
+    )
+
+
+def _spec_timm_regnet(model):
+    # forward_features: stem, s1..s4, final_conv; forward_head: head
+    return _Spec(
+        "timm.RegNet",
+        stem=["stem"],
+        units=[_module_unit(f"s{i}") for i in range(1, 5)],
+        head=["final_conv", _timm_forward_head],
+    )
+
+
+def _spec_timm_vgg(model):
+    # forward_features: features (Sequential of conv/[norm]/act/maxpool); forward_head: pre_logits, head.
+    # Stages end at each MaxPool (never at a conv followed by an in-place activation).
+    n = len(model.features)
+    units = [_module_unit(f"features.{i}") for i in range(n)]
+    candidates = [f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
+    if not candidates or candidates[-1] != f"features.{n - 1}":
+        candidates.append(f"features.{n - 1}")
+    return _Spec(
+        "timm.VGG",
+        stem=[],
+        units=units,
+        head=["pre_logits", "head"],
+        candidates=candidates,
+    )
+
+
+def _spec_timm_vit(model):
+    # forward_features: patch_embed, _pos_embed, patch_drop, norm_pre, blocks, norm
+    # forward_head (incl. VisionTransformerDistilled's): pool, fc_norm, head_drop, head
+    return _Spec(
+        "timm.VisionTransformer",
+        stem=["patch_embed", _timm_vit_pos_embed, "patch_drop", "norm_pre"],
+        units=[_module_unit(f"blocks.{i}") for i in range(len(model.blocks))],
+        head=["norm", _timm_forward_head],
+        default_groups=4,
+    )
+
+
+# ---------------------------------------------------------------------- transformers
+def _hf_resnet_head(model, h):
+    # ResNetModel: pooled = pooler(last_hidden_state); classifier = Sequential(Flatten, Linear)
+    return model.classifier(model.resnet.pooler(h))
+
+
+def _hf_convnext_head(model, h):
+    # ConvNextModel: pooled = layernorm(last_hidden_state.mean([-2, -1])); logits = classifier(pooled)
+    return model.classifier(model.convnext.layernorm(h.mean([-2, -1])))
+
+
+def _hf_vit_stem(model, x):
+    vit = model.vit
+    expected_dtype = vit.embeddings.patch_embeddings.projection.weight.dtype
+    if x.dtype != expected_dtype:
+        x = x.to(expected_dtype)
+    return vit.embeddings(x, bool_masked_pos=None, interpolate_pos_encoding=None)
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_mask_fn():
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:  # older transformers: no mask helper, layers take head_mask
+        return None
+    return create_bidirectional_mask
+
+
+def _hf_vit_layer(name, model, h):
+    # ViTModel.forward: attention_mask = create_bidirectional_mask(config, embeddings, None);
+    # hidden = layer(hidden, attention_mask) for each layer
+    mask = None
+    create_bidirectional_mask = _hf_mask_fn()
+    if create_bidirectional_mask is not None:
+        mask = create_bidirectional_mask(config=model.vit.config, inputs_embeds=h, attention_mask=None)
+    out = model.get_submodule(name)(h, mask)
+    if isinstance(out, tuple):  # older transformers return (hidden_states, ...)
+        out = out[0]
+    return out
+
+
+def _hf_vit_head(model, h):
+    sequence_output = model.vit.layernorm(h)
+    return model.classifier(sequence_output[:, 0, :])
+
+
+def _hf_families():
+    fams = []
+    try:
+        from transformers import ResNetForImageClassification
+
+        fams.append((ResNetForImageClassification, _spec_hf_resnet))
+    except Exception:
+        pass
+    try:
+        from transformers import ConvNextForImageClassification
+
+        fams.append((ConvNextForImageClassification, _spec_hf_convnext))
+    except Exception:
+        pass
+    try:
+        from transformers import ViTForImageClassification
+
+        fams.append((ViTForImageClassification, _spec_hf_vit))
+    except Exception:
+        pass
+    return fams
+
+
+def _spec_hf_resnet(model):
+    return _Spec(
+        "transformers.ResNetForImageClassification",
+        stem=["resnet.embedder"],
+        units=[_module_unit(f"resnet.encoder.stages.{i}") for i in range(len(model.resnet.encoder.stages))],
+        head=[_hf_resnet_head],
+    )
+
+
+def _spec_hf_convnext(model):
+    return _Spec(
+        "transformers.ConvNextForImageClassification",
+        stem=["convnext.embeddings"],
+        units=[_module_unit(f"convnext.encoder.stages.{i}") for i in range(len(model.convnext.encoder.stages))],
+        head=[_hf_convnext_head],
+    )
+
+
+def _spec_hf_vit(model):
+    vit = model.vit
+    if hasattr(vit, "layers"):
+        prefix, layers = "vit.layers", vit.layers
+    else:  # transformers < 5 layout
+        prefix, layers = "vit.encoder.layer", vit.encoder.layer
+    names = [f"{prefix}.{i}" for i in range(len(layers))]
+    return _Spec(
+        "transformers.ViTForImageClassification",
+        stem=[_hf_vit_stem],
+        units=[(n, functools.partial(_hf_vit_layer, n)) for n in names],
+        head=[_hf_vit_head],
+        default_groups=4,
+    )
+
+
+# Methods whose override by a subclass makes the built-in split unsafe.
+_FORWARD_METHODS = ("forward", "forward_features")
+
+
+def _find_family(model: nn.Module):
+    for base, make_spec in _timm_families() + _hf_families():
+        if isinstance(model, base):
+            for meth in _FORWARD_METHODS:
+                base_fn = getattr(base, meth, None)
+                if base_fn is not None and getattr(type(model), meth, None) is not base_fn:
+                    raise UnsupportedModelError(
+                        f"{type(model).__name__} subclasses {base.__module__}.{base.__name__} but overrides "
+                        f"`{meth}`, so the built-in {base.__name__} split may not reproduce it. " + _DECLARE_HELP
+                    )
+            return make_spec
+    return None
+
+
+# ====================================================================== public API
+def _check_names(model: nn.Module, names: Sequence[str], what: str, allow_pseudo: bool) -> None:
+    def known(n) -> bool:
+        if not isinstance(n, str) or n == "":
+            return False
+        try:
+            model.get_submodule(n)
+            return True
+        except AttributeError:
+            return allow_pseudo and n in PSEUDO_MODULES
+
+    bad = [n for n in names if not known(n)]
+    if bad:
+        children = [n for n, _ in model.named_children()]
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: unknown module name(s) {bad} in {what}. Top-level children: {children}. "
+            + _DECLARE_HELP
+        )
+
+
+def split_model(
+    model: nn.Module,
+    stage_names: Sequence[str] | None = None,
+    stem: Sequence[str] | None = None,
+    head: Sequence[str] | None = None,
+    *,
+    num_groups: int | None = None,
+) -> StagedModel:
+    """Split ``model`` into stem -> stages -> head (parameters are shared, nothing is copied).
+
+    Args:
+        model: a classifier (timm model or transformers ``*ForImageClassification``, or any module
+            when the split is declared).
+        stage_names: module names whose outputs are the stage outputs.  For a built-in family this
+            alone regroups the built-in units (e.g. ``["layer2", "layer4"]`` for a ResNet or any
+            blocks of a ViT); with ``stem`` and ``head`` it declares a sequential split.
+        stem: module names applied in order before stage 0 (declared split; may be empty).
+        head: module names applied in order after the last stage (declared split); the
+            pseudo-names ``"flatten"`` and ``"avgpool"`` are allowed.
+        num_groups: number of stages for the built-in families (ViT blocks are grouped into
+            ``num_groups`` groups as even as possible, default 4; CNN stages likewise, default
+            all natural stages).  Ignored for declared splits.
+
+    Raises:
+        UnsupportedModelError: not a built-in family and no complete declaration, or invalid
+            names; the message explains how to declare the split.
+    """
+    if isinstance(model, StagedModel):
+        if stage_names is None and stem is None and head is None and num_groups is None:
+            return model
+        model = model.model
+
+    if stem is not None or head is not None:
+        if stage_names is None or stem is None or head is None:
+            missing = [n for n, v in (("stage_modules", stage_names), ("stem_modules", stem), ("head_modules", head)) if v is None]
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: incomplete split declaration, missing {missing}. " + _DECLARE_HELP
+            )
+        for what, names in (("stage_modules", stage_names), ("stem_modules", stem), ("head_modules", head)):
+            if isinstance(names, str):
+                raise UnsupportedModelError(f"{what} must be a sequence of module names, got the string {names!r}")
+        if len(stage_names) == 0:
+            raise UnsupportedModelError(f"{type(model).__name__}: `stage_modules` is empty. " + _DECLARE_HELP)
+        _check_names(model, stem, "stem_modules", allow_pseudo=True)
+        _check_names(model, stage_names, "stage_modules", allow_pseudo=False)
+        _check_names(model, head, "head_modules", allow_pseudo=True)
+        return StagedModel(
+            model, list(stem), [[n] for n in stage_names], list(head), list(stage_names), family="declared"
+        )
+
+    if isinstance(stage_names, str):
+        raise UnsupportedModelError(f"stage_modules must be a sequence of module names, got the string {stage_names!r}")
+    make_spec = _find_family(model)
+    if make_spec is None:
+        children = [n for n, _ in model.named_children()]
+        what = "" if stage_names is None else " (stage names alone are not enough for it)"
+        raise UnsupportedModelError(
+            f"Cannot split {type(model).__module__}.{type(model).__name__} into stem / stages / head "
+            f"automatically{what}: it is not a built-in family (timm ResNet, ConvNeXt, EfficientNet/MobileNetV2, "
+            "MobileNetV3, RegNet, VGG, VisionTransformer/DeiT; transformers ResNet/ConvNext/ViT "
+            f"ForImageClassification). Top-level children of this model: {children}. " + _DECLARE_HELP
+        )
+    return _build_from_spec(model, make_spec(model), stage_names, num_groups)
+
+
+def stage_names(model: nn.Module, num_groups: int | None = None) -> list[str]:
+    """Stage output module names of the built-in split of ``model`` (see :func:`split_model`)."""
+    if isinstance(model, StagedModel):
+        return list(model.stage_names)
+    return list(split_model(model, num_groups=num_groups).stage_names)

@@ -1,0 +1,676 @@
+"""Forward-hook feature taps: intermediate activations for FitNets hints, BYOT exits and SFTN.
+
+A *tap* is a forward hook on a named submodule (a name as in ``model.named_modules()``) that
+records the module's output on every forward pass::
+
+    taps = FeatureTaps(student, ["layer2", "layer3"])
+    logits = student(x)
+    feats = taps.pop()            # {"layer2": tensor, "layer3": tensor}, and the taps are empty again
+    hint = to_nchw(feats["layer2"], taps.layouts["layer2"])
+
+Names are checked when the taps are built: a wrong name raises :class:`LayerNotFoundError`
+listing the closest valid names. ``hf-distill layers MODEL`` (or :func:`describe_layers`) lists
+every module with its output shape and layout, and marks the stage outputs that make good hints.
+
+Module outputs
+    :func:`feature_tensor` takes the tensor out of whatever a module returns: the tensor itself,
+    the first tensor of a tuple/list, or ``last_hidden_state`` (else the first tensor value) of a
+    transformers ``ModelOutput`` / dict.
+
+Layouts
+    Every tapped tensor has one of these layouts:
+
+    ``"nchw"``   feature maps ``[B, C, H, W]`` (CNNs);
+    ``"nhwc"``   channels-last maps ``[B, H, W, C]`` (timm Swin / SwinV2 / MambaOut / Sequencer /
+                 Hiera stages, the inside of ConvNeXt blocks);
+    ``"tokens"`` sequences ``[B, N, C]`` (ViT / DeiT / BEiT blocks, transformers Swin), possibly
+                 starting with prefix tokens (class, distillation, register tokens), see
+                 :func:`num_prefix_tokens`;
+    ``"vector"`` pooled features ``[B, C]``.
+
+How the layout is decided (:func:`infer_layout`), first rule that applies wins:
+
+    1. a user override ``{layer name: layout}`` (``FeatureTaps(..., layouts=...)``,
+       ``infer_layout(..., overrides=...)``) always wins;
+    2. the number of dimensions: 2-D -> ``"vector"``, 3-D -> ``"tokens"``; only 4-D tensors go on;
+    3. a module that declares its format is believed: timm's ``output_fmt`` (``"NHWC"`` /
+       ``"NCHW"``, e.g. timm ``PatchEmbed``) or transformers' ``data_format``
+       (``"channels_last"`` / ``"channels_first"``, e.g. ``ConvNextLayerNorm``);
+    4. channels-first operators give ``"nchw"``: convolutions, batch/group/instance norms,
+       2-D pooling, and any module whose class name ends in ``2d`` (timm ``LayerNorm2d``,
+       ``BatchNormAct2d``, ``SelectAdaptivePool2d`` ...), the PyTorch naming convention;
+    5. operators that act on the last dimension give ``"nhwc"`` on a 4-D tensor, since that
+       last dimension is then the channel one: ``nn.Linear``, ``nn.LayerNorm``, ``nn.RMSNorm``;
+    6. a model that declares channels-last outputs gives ``"nhwc"``: timm sets
+       ``model.output_fmt = "NHWC"`` on its Swin, SwinV2, MambaOut, Sequencer and Hiera models,
+       whose stages (``SwinTransformerStage``, ...) emit ``[B, H, W, C]``;
+    7. otherwise ``"nchw"``.
+
+    A model of your own that emits channels-last maps can set ``model.output_fmt = "NHWC"`` (or
+    ``output_fmt`` on the emitting module), or pass ``layouts={"name": "nhwc"}``.
+
+:func:`to_nchw` turns any layout into a ``[B, C, H, W]`` map (tokens are laid back on their
+square patch grid after the prefix tokens are dropped) and :func:`pool_features` into a
+``[B, C]`` vector (the mean over positions / patch tokens), so hints between a CNN and a ViT
+need no special cases in the methods.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .models import input_spec, is_timm_model, is_transformers_model
+
+__all__ = [
+    "LAYOUTS",
+    "NCHW",
+    "NHWC",
+    "TOKENS",
+    "VECTOR",
+    "FeatureTaps",
+    "LayerNotFoundError",
+    "default_call",
+    "describe_layers",
+    "feature_tensor",
+    "format_layers",
+    "infer_layout",
+    "num_prefix_tokens",
+    "pool_features",
+    "probe_shapes",
+    "resolve_module",
+    "to_nchw",
+]
+
+NCHW = "nchw"
+NHWC = "nhwc"
+TOKENS = "tokens"
+VECTOR = "vector"
+LAYOUTS = (NCHW, NHWC, TOKENS, VECTOR)
+_NDIM = {NCHW: 4, NHWC: 4, TOKENS: 3, VECTOR: 2}
+
+_LIST_HINT = "list them all with `hf-distill layers MODEL` or `[n for n, _ in model.named_modules()]`"
+
+
+# ---------------------------------------------------------------------------------------------
+# Module names
+# ---------------------------------------------------------------------------------------------
+
+
+class LayerNotFoundError(KeyError):
+    """A layer name that is not in ``model.named_modules()``; the message lists close names."""
+
+    def __init__(self, message: str, name: str = "", suggestions: Sequence[str] = ()):
+        super().__init__(message)
+        self.name = name
+        self.suggestions = list(suggestions)
+
+    def __str__(self) -> str:  # KeyError would show the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+def _close_names(name: str, names: Sequence[str], n: int = 5) -> list[str]:
+    # Names that end with what was asked ("layer.0" for "vit.layers.0"-style prefixes) first,
+    # then the ones difflib finds similar.
+    suffix = [c for c in names if c.endswith("." + name)]
+    similar = difflib.get_close_matches(name, names, n=n, cutoff=0.5)
+    out: list[str] = []
+    for c in suffix + similar:
+        if c not in out:
+            out.append(c)
+    return out[:n]
+
+
+def resolve_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` in ``model.named_modules()`` (``""`` is the model itself).
+
+    A model wrapped in ``DistributedDataParallel`` / ``DataParallel`` also accepts the names of
+    the wrapped model (without the ``module.`` prefix). Raises :class:`LayerNotFoundError`.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"layer names are strings, got {type(name).__name__}")
+    modules = dict(model.named_modules(remove_duplicate=False))  # aliases of a module too
+    if name in modules:
+        return modules[name]
+    inner = getattr(model, "module", None)
+    if isinstance(inner, nn.Module) and f"module.{name}" in modules:
+        return modules[f"module.{name}"]
+    names = [n for n, _ in model.named_modules() if n]
+    close = _close_names(name, names)
+    if close:
+        hint = "closest names: " + ", ".join(repr(c) for c in close)
+    else:
+        top = [n for n in names if "." not in n][:10]
+        hint = "no similar name; top-level modules: " + ", ".join(repr(c) for c in top)
+    raise LayerNotFoundError(
+        f"no module named {name!r} in {type(model).__name__}; {hint}. You can {_LIST_HINT}.",
+        name=name,
+        suggestions=close,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors out of module outputs, layouts and conversions
+# ---------------------------------------------------------------------------------------------
+
+
+def feature_tensor(output: Any) -> torch.Tensor:
+    """The feature tensor in a module output.
+
+    A tensor is returned as is; a tuple/list gives its first tensor (nested tuples are
+    searched in order); a transformers ``ModelOutput`` or a dict gives ``last_hidden_state``
+    when it holds one, else its first tensor value. Anything else is a ``TypeError``.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):  # transformers ModelOutput is an OrderedDict
+        hidden = output.get("last_hidden_state")
+        if isinstance(hidden, torch.Tensor):
+            return hidden
+        values = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        values = list(output)
+    else:
+        values = None
+    if values is not None:
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                return v
+        for v in values:
+            if isinstance(v, (tuple, list, Mapping)):
+                try:
+                    return feature_tensor(v)
+                except TypeError:
+                    continue
+    raise TypeError(
+        f"cannot find a feature tensor in a module output of type {type(output).__name__}: "
+        "expected a tensor, a tuple/list holding one, or a ModelOutput/dict "
+        "(last_hidden_state or a tensor value); tap another layer"
+    )
+
+
+_CHANNELS_FIRST_TYPES: tuple[type, ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.Upsample,
+)
+_LAST_DIM_TYPES: tuple[type, ...] = (nn.Linear, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def _declared_format(obj: Any) -> str | None:
+    """``"nhwc"`` / ``"nchw"`` when ``obj`` declares its output format, else ``None``."""
+    fmt = getattr(obj, "output_fmt", None)
+    fmt = getattr(fmt, "value", fmt)  # timm's Format enum
+    if isinstance(fmt, str):
+        if fmt.upper() == "NHWC":
+            return NHWC
+        if fmt.upper() == "NCHW":
+            return NCHW
+    data_format = getattr(obj, "data_format", None)
+    if isinstance(data_format, str):
+        if data_format.lower() == "channels_last":
+            return NHWC
+        if data_format.lower() == "channels_first":
+            return NCHW
+    return None
+
+
+def _check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    return layout
+
+
+def _layout_of(model: nn.Module, module: nn.Module, tensor: torch.Tensor) -> str:
+    """Rules 2-7 of the module docstring."""
+    if tensor.ndim == 2:
+        return VECTOR
+    if tensor.ndim == 3:
+        return TOKENS
+    if tensor.ndim != 4:
+        raise ValueError(
+            f"cannot tell the layout of a {tensor.ndim}-D output {tuple(tensor.shape)} "
+            f"from {type(module).__name__}: only 2-D, 3-D and 4-D features are supported"
+        )
+    declared = _declared_format(module)
+    if declared is not None:
+        return declared
+    if isinstance(module, _CHANNELS_FIRST_TYPES) or type(module).__name__.lower().endswith("2d"):
+        return NCHW
+    if isinstance(module, _LAST_DIM_TYPES):
+        return NHWC
+    if _declared_format(model) == NHWC:
+        return NHWC
+    return NCHW
+
+
+def infer_layout(
+    model: nn.Module, name: str, tensor: torch.Tensor, overrides: Mapping[str, str] | None = None
+) -> str:
+    """Layout (``"nchw"``, ``"nhwc"``, ``"tokens"`` or ``"vector"``) of module ``name``'s output.
+
+    The rules are in the module docstring; an entry for ``name`` in ``overrides`` always wins.
+    """
+    if overrides and name in overrides:
+        return _check_layout(overrides[name])
+    return _layout_of(model, resolve_module(model, name), tensor)
+
+
+def _grid(n: int, grid_size: tuple[int, int] | None, num_prefix: int) -> tuple[int, int]:
+    if grid_size is not None:
+        h, w = int(grid_size[0]), int(grid_size[1])
+        if h * w == n:
+            return h, w
+        raise ValueError(f"{n} patch tokens do not fit a {h}x{w} grid (num_prefix_tokens={num_prefix})")
+    side = math.isqrt(n)
+    if side * side != n or n == 0:
+        raise ValueError(
+            f"{n} tokens (after dropping {num_prefix} prefix tokens) cannot be mapped to a square "
+            "grid: pass grid_size=(h, w) or the right num_prefix_tokens, or compare pooled "
+            "features (pool_features) instead of maps"
+        )
+    return side, side
+
+
+def to_nchw(
+    t: torch.Tensor, layout: str, num_prefix_tokens: int = 0, *, grid_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """``[B, C, H, W]`` feature map from a tensor of any layout.
+
+    ``"nhwc"`` is permuted (a view, not a copy); ``"tokens"`` drop their first
+    ``num_prefix_tokens`` tokens and the rest are laid on a square grid (or ``grid_size``), a
+    ``ValueError`` when they do not fit one; ``"vector"`` becomes ``[B, C, 1, 1]``.
+    """
+    _check_layout(layout)
+    if t.ndim != _NDIM[layout]:
+        raise ValueError(f"a {layout!r} tensor has {_NDIM[layout]} dims, got shape {tuple(t.shape)}")
+    if layout == NCHW:
+        return t
+    if layout == NHWC:
+        return t.permute(0, 3, 1, 2)
+    if layout == VECTOR:
+        return t[:, :, None, None]
+    tokens = t[:, num_prefix_tokens:]
+    b, n, c = tokens.shape
+    h, w = _grid(n, grid_size, num_prefix_tokens)
+    return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
+def pool_features(t: torch.Tensor, layout: str, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """``[B, C]`` global average of a tensor of any layout (for tokens: of the patch tokens)."""
+    _check_layout(layout)
+    if t.ndim != _NDIM[layout]:
+        raise ValueError(f"a {layout!r} tensor has {_NDIM[layout]} dims, got shape {tuple(t.shape)}")
+    if layout == NCHW:
+        return t.mean(dim=(2, 3))
+    if layout == NHWC:
+        return t.mean(dim=(1, 2))
+    if layout == VECTOR:
+        return t
+    if t.shape[1] <= num_prefix_tokens:
+        raise ValueError(f"no patch tokens left in {tuple(t.shape)} after {num_prefix_tokens} prefix tokens")
+    return t[:, num_prefix_tokens:].mean(dim=1)
+
+
+def num_prefix_tokens(model: nn.Module) -> int:
+    """How many non-patch tokens (class, distillation, register) start the model's token sequence.
+
+    timm models say it (``model.num_prefix_tokens``). For transformers models it is counted from
+    the embedding parameters: ``cls_token`` / ``class_embedding`` (ViT, BEiT, DINOv2, CLIP: 1),
+    plus ``distillation_token`` (DeiT: 2), plus ``register_tokens``. Otherwise 0.
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    n = getattr(model, "num_prefix_tokens", None)
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    if is_transformers_model(model):
+        for module in model.modules():
+            cls = getattr(module, "cls_token", None)
+            if not isinstance(cls, torch.Tensor):
+                cls = getattr(module, "class_embedding", None)
+            if not isinstance(cls, torch.Tensor):
+                continue
+            count = 1
+            if isinstance(getattr(module, "distillation_token", None), torch.Tensor):
+                count += 1
+            registers = getattr(module, "register_tokens", None)
+            if isinstance(registers, torch.Tensor) and registers.ndim >= 2:
+                count += registers.shape[-2]
+            return count
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Taps
+# ---------------------------------------------------------------------------------------------
+
+
+class FeatureTaps:
+    """Records the outputs of named submodules on every forward pass.
+
+    One forward hook per distinct module is registered at construction (names are resolved
+    first, so a wrong one fails here); the same module tapped under two names (or twice) gets
+    one hook. Each hook stores ``feature_tensor(output)`` - no copy, detached only with
+    ``detach=True`` - so the stored tensors keep their autograd graph for hint losses.
+
+    The store is cleared when the model's own forward starts (a pre-hook on ``model``), so
+    :attr:`features` always holds one forward pass; a module called twice in one pass keeps
+    its last output. Call :meth:`pop` after using the features so no activations are held
+    between steps. The hooks sit on the submodules, so wrapping the model in DDP or moving it to
+    another device afterwards keeps them working. Use as a context manager, or call
+    :meth:`remove`.
+
+    ``layouts`` overrides the inferred layout of some tapped layers (keys must be tapped layer
+    names, values one of :data:`LAYOUTS`); the others are inferred at their first capture.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        layouts: Mapping[str, str] | None = None,
+        detach: bool = False,
+    ):
+        if isinstance(layers, str):
+            layers = [layers]
+        self.model = model
+        self.detach = bool(detach)
+        self._layers: list[str] = list(dict.fromkeys(layers))  # dedupe, keep order
+        modules = {name: resolve_module(model, name) for name in self._layers}
+        self._overrides: dict[str, str] = {}
+        for name, layout in (layouts or {}).items():
+            if name not in modules:
+                raise ValueError(f"layout override for {name!r}, which is not a tapped layer ({self._layers})")
+            self._overrides[name] = _check_layout(layout)
+        self._layouts: dict[str, str] = dict(self._overrides)
+        self._features: dict[str, torch.Tensor] = {}
+        # One hook per module object, storing under every name it was tapped as.
+        by_module: dict[int, tuple[nn.Module, list[str]]] = {}
+        for name, module in modules.items():
+            by_module.setdefault(id(module), (module, []))[1].append(name)
+        self._handles = [module.register_forward_hook(self._hook(names)) for module, names in by_module.values()]
+        self._handles.append(model.register_forward_pre_hook(self._clear))
+
+    def _clear(self, module, args) -> None:
+        self._features.clear()
+
+    def _hook(self, names: list[str]):
+        store = self._features
+
+        def hook(module, args, output):
+            t = feature_tensor(output)
+            if self.detach:
+                t = t.detach()
+            for name in names:
+                store[name] = t
+                if name not in self._layouts:
+                    layout = _layout_of(self.model, module, t)
+                    self._layouts[name] = layout
+                elif t.ndim != _NDIM[self._layouts[name]]:
+                    raise ValueError(
+                        f"layer {name!r} gave a {t.ndim}-D output {tuple(t.shape)} but its layout is "
+                        f"{self._layouts[name]!r} ({_NDIM[self._layouts[name]]}-D)"
+                    )
+
+        return hook
+
+    @property
+    def layers(self) -> list[str]:
+        """The tapped layer names, in the order given (duplicates dropped)."""
+        return list(self._layers)
+
+    @property
+    def features(self) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` of the last forward pass (a new dict; the tensors are not copied)."""
+        return dict(self._features)
+
+    @property
+    def layouts(self) -> dict[str, str]:
+        """``{name: layout}`` for the overridden layers and those captured at least once."""
+        return {n: self._layouts[n] for n in self._layers if n in self._layouts}
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """The last forward pass's features; the taps hold none afterwards."""
+        out = dict(self._features)
+        self._features.clear()
+        return out
+
+    def clear(self) -> None:
+        self._features.clear()
+
+    def remove(self) -> None:
+        """Remove every hook and drop the stored features (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._features.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._layers
+
+    def __enter__(self) -> "FeatureTaps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "" if self.active else ", removed"
+        return f"FeatureTaps({type(self.model).__name__}, {self._layers}{state})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Dry runs
+# ---------------------------------------------------------------------------------------------
+
+
+def default_call(model: nn.Module, x: torch.Tensor) -> Any:
+    """Forward ``x`` the way the model's library expects (``pixel_values=`` for transformers)."""
+    if is_transformers_model(model):
+        return model(pixel_values=x)
+    return model(x)
+
+
+def _first_param(model: nn.Module) -> torch.Tensor | None:
+    for p in model.parameters():
+        return p
+    for b in model.buffers():
+        return b
+    return None
+
+
+class _DryRun:
+    """Eval mode + no_grad for one forward, restoring every submodule's own mode afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+        self.model.eval()
+        return self
+
+    def __exit__(self, *exc):
+        self.no_grad.__exit__(*exc)
+        for m, training in self.modes:
+            m.training = training
+
+
+def probe_shapes(
+    model: nn.Module,
+    layers: Sequence[str],
+    example: torch.Tensor,
+    call: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """Output shape of each layer for ``example``, from one forward in eval mode without grad.
+
+    The train/eval mode of every submodule is restored afterwards. ``call(model, x)`` runs the
+    forward (default :func:`default_call`). A layer the forward never reached is a
+    ``RuntimeError``.
+    """
+    call = call or default_call
+    ref = _first_param(model)
+    if ref is not None and example.device != ref.device:
+        example = example.to(ref.device)
+    with FeatureTaps(model, layers, detach=True) as taps, _DryRun(model):
+        call(model, example)
+        feats = taps.pop()
+    missing = [n for n in taps.layers if n not in feats]
+    if missing:
+        raise RuntimeError(f"layers {missing} were not run by the forward pass; tap layers the forward uses")
+    return {n: tuple(feats[n].shape) for n in taps.layers}
+
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(s) for s in size)
+    return (size[0], size[0]) if len(size) == 1 else (size[-2], size[-1])
+
+
+def _own_image_size(model: nn.Module) -> tuple[int, int]:
+    # timm keeps the default-config size in pretrained_cfg even when the model was created with
+    # another img_size; its patch embedding knows the real one.
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if is_timm_model(model) and img_size is not None:
+        return _pair(img_size)
+    return tuple(input_spec(model).image_size)
+
+
+_STAGE_CONTAINERS = ("stages", "layers", "layer")
+
+
+def _known_stage_names(model: nn.Module) -> set[str]:
+    """timm ``feature_info`` modules (of the model or a wrapped timm model) and transformers
+    ``...stages.N`` / ``...layers.N`` / ``...layer.N`` (the outermost such level only)."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        info = getattr(module, "feature_info", None)
+        if hasattr(info, "get_dicts"):
+            info = info.get_dicts()
+        if isinstance(info, (list, tuple)):
+            for entry in info:
+                if isinstance(entry, dict) and isinstance(entry.get("module"), str) and entry["module"]:
+                    names.add(f"{prefix}.{entry['module']}" if prefix else entry["module"])
+    if is_transformers_model(model):
+        for name, _ in model.named_modules():
+            parts = name.split(".")
+            hits = [i for i in range(len(parts) - 1) if parts[i] in _STAGE_CONTAINERS and parts[i + 1].isdigit()]
+            if len(hits) == 1 and hits[0] == len(parts) - 2:
+                names.add(name)
+    return names
+
+
+def describe_layers(
+    model: nn.Module,
+    image_size: int | Sequence[int] | None = 224,
+    in_chans: int | None = None,
+    max_depth: int | None = None,
+) -> list[dict]:
+    """Every named module with its output shape and layout, in forward order.
+
+    One dry forward (eval mode, no grad, modes restored) on a zero image of ``image_size``
+    (``None``: the model's own size) and ``in_chans`` channels (``None``: from
+    :func:`hf_distill.models.input_spec`). Modules whose output holds no tensor and the model
+    itself are left out; ``max_depth`` keeps names with at most that many dotted parts. Rows are
+    ``{"name", "type", "shape", "layout", "stage"}``; ``stage`` marks hint-layer candidates:
+    timm ``feature_info`` modules and transformers ``stages.N`` / ``layers.N`` / ``layer.N``;
+    for other models, the modules whose (3-D/4-D) output shape differs from the next output's
+    (blocks rather than single operators when the model has blocks).
+    """
+    spec = input_spec(model)
+    in_chans = int(in_chans or spec.in_chans)
+    h, w = _pair(image_size) if image_size is not None else _own_image_size(model)
+    ref = _first_param(model)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    device = ref.device if ref is not None else torch.device("cpu")
+    x = torch.zeros(1, in_chans, h, w, dtype=dtype, device=device)
+
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if max_depth is not None:
+        named = [(n, m) for n, m in named if n.count(".") + 1 <= max_depth]
+    seen: dict[str, dict] = {}  # insertion order = order of the first output
+
+    def make_hook(name: str):
+        def hook(module, args, output):
+            if name in seen:
+                return
+            try:
+                t = feature_tensor(output)
+            except TypeError:
+                return
+            try:
+                layout = _layout_of(model, module, t)
+            except ValueError:
+                layout = "-"
+            seen[name] = {"name": name, "type": type(module).__name__, "shape": tuple(t.shape), "layout": layout}
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in named]
+    try:
+        with _DryRun(model):
+            default_call(model, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = list(seen.values())
+
+    known = _known_stage_names(model)
+    if known:
+        for row in rows:
+            row["stage"] = row["name"] in known
+    else:
+        composite = {n for n, m in named if next(m.children(), None) is not None}
+        candidates = composite if any(r["name"] in composite for r in rows) else {r["name"] for r in rows}
+        for i, row in enumerate(rows):
+            nxt = rows[i + 1]["shape"] if i + 1 < len(rows) else None
+            row["stage"] = (
+                row["name"] in candidates and len(row["shape"]) in (3, 4) and nxt is not None and nxt != row["shape"]
+            )
+    return rows
+
+
+def format_layers(rows: Sequence[Mapping[str, Any]]) -> str:
+    """An aligned text table of :func:`describe_layers` rows (``*`` marks the stage outputs)."""
+    header = ("name", "type", "shape", "layout", "stage")
+    table = [header] + [
+        (
+            str(r.get("name", "")),
+            str(r.get("type", "")),
+            "x".join(str(d) for d in r.get("shape", ())),
+            str(r.get("layout", "")),
+            "*" if r.get("stage") else "",
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines.append(f"{len(rows)} modules; * = stage output (hint-layer candidate)")
+    return "\n".join(lines)
