@@ -17,7 +17,7 @@ import os
 import re
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -177,7 +177,9 @@ def template_path() -> str:
         pass
     path = Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"model card template {TEMPLATE_NAME} not found (looked in hf_distill/templates and {path.parent})")
+        raise FileNotFoundError(
+            f"model card template {TEMPLATE_NAME} not found (looked in hf_distill/templates and {path.parent})"
+        )
     return str(path)
 
 
@@ -456,7 +458,7 @@ for p, i in zip(top.values[0].tolist(), top.indices[0].tolist()):
         return intro, code, "", ""
     if ctx.library_name == "transformers":
         ref = repo or "/path/to/this/folder"
-        intro = ("With the 🤗 Transformers pipeline" + ("" if repo else " (from the folder that holds this card)") + ":")
+        intro = "With the 🤗 Transformers pipeline" + ("" if repo else " (from the folder that holds this card)") + ":"
         code = f"""from transformers import pipeline
 
 classifier = pipeline("image-classification", model="{ref}")
@@ -493,6 +495,8 @@ with torch.no_grad():
 
 def build_model_card(ctx: CardContext) -> ModelCard:
     """A ``huggingface_hub.ModelCard`` for a distilled student (tokens scrubbed)."""
+    # tolerate Trainer-style metric names ("eval_accuracy")
+    ctx = replace(ctx, metrics={(k[5:] if k.startswith("eval_") else k): v for k, v in ctx.metrics.items()})
     teachers_hub = [r for r in (hub_repo_id(t) for t in ctx.teacher_names) if r]
     teachers_hub = list(dict.fromkeys(teachers_hub))
     dataset_id = _hub_dataset_id(ctx.dataset)

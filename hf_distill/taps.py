@@ -674,3 +674,27 @@ def format_layers(rows: Sequence[Mapping[str, Any]]) -> str:
     lines.insert(1, "  ".join("-" * width for width in widths))
     lines.append(f"{len(rows)} modules; * = stage output (hint-layer candidate)")
     return "\n".join(lines)
+
+
+def probe_features(
+    model: nn.Module,
+    layers: Sequence[str],
+    example: torch.Tensor,
+    layouts: Mapping[str, str] | None = None,
+    call: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{layer: (shape, layout)}`` from one dry forward (eval mode, no grad, modes restored)."""
+    if not layers:
+        return {}
+    call = call or default_call
+    ref = _first_param(model)
+    if ref is not None and example.device != ref.device:
+        example = example.to(ref.device)
+    with FeatureTaps(model, layers, layouts=layouts, detach=True) as taps, _DryRun(model):
+        call(model, example)
+        feats = taps.pop()
+        found = taps.layouts
+    missing = [n for n in taps.layers if n not in feats]
+    if missing:
+        raise RuntimeError(f"layers {missing} were not run by the forward pass; tap layers the forward uses")
+    return {n: (tuple(feats[n].shape), found[n]) for n in taps.layers}

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .taps import FeatureTaps
 from .models import InputAdapter, InputSpec, call_model, input_spec, label_names_of, model_name, num_classes_of
 
 
@@ -47,10 +48,15 @@ class Teachers(nn.Module):
     data parallel, never in the optimizer and never saved with the student.
     """
 
-    def __init__(self, teachers: Sequence[nn.Module], student_spec: InputSpec):
+    def __init__(self, teachers: Sequence[nn.Module], student_spec: InputSpec, layers: Sequence[str] = ()):
         super().__init__()
         self.models = nn.ModuleList(freeze(t) for t in teachers)
         self.adapters = nn.ModuleList(InputAdapter(student_spec, input_spec(t)) for t in teachers)
+        # Hint features come from the first teacher (the one a method's layer names refer to).
+        self._taps = FeatureTaps(self.models[0], layers, detach=True) if layers and len(self.models) else None
+
+    def pop_features(self) -> dict[str, torch.Tensor]:
+        return self._taps.pop() if self._taps is not None else {}
 
     def train(self, mode: bool = True) -> "Teachers":
         # train() would re-enable dropout and BatchNorm updates in a frozen teacher

@@ -18,6 +18,7 @@ from .arguments import DistillationTrainingArguments
 from .data import collate_images
 from .methods import Progress, StepOutputs, get_method
 from .models import call_model, input_spec, load_model, load_native_weights, model_name, save_native
+from .taps import FeatureTaps, probe_features
 from .teacher import Teachers, check_label_spaces
 
 logger = logging.getLogger(__name__)
@@ -33,15 +34,16 @@ class DistillationModel(nn.Module):
     ``student`` is exported.
     """
 
-    def __init__(self, student: nn.Module, extras: nn.ModuleDict, method):
+    def __init__(self, student: nn.Module, extras: nn.ModuleDict, method, layers: Sequence[str] = ()):
         super().__init__()
         self.student = student
         self.extras = extras
-        self._method = method  # plain attribute: not a module, not saved
+        self._method = method  # plain attributes: not modules, not saved
+        self._taps = FeatureTaps(student, layers) if layers else None
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
         logits = call_model(self.student, pixel_values)
-        features: dict[str, torch.Tensor] = {}
+        features = self._taps.pop() if self._taps is not None else {}
         extra = self._method.forward_modules(self.extras, features) if len(self.extras) else {}
         return {"logits": logits, "features": features, "extra": extra}
 
@@ -119,15 +121,17 @@ class DistillationTrainer(Trainer):
             )
         check_label_spaces(student, teachers)
         self.student_spec = input_spec(student)
-        self.teachers = Teachers(teachers, self.student_spec)
-        extras = self.method.build_modules(student, list(self.teachers.models), probe={})
+        self.method.setup(student, teachers)
+        self.teachers = Teachers(teachers, self.student_spec, self.method.teacher_layers())
+        extras = self.method.build_modules(student, list(self.teachers.models), self._probe(student))
         self._teacher_metrics: dict[str, float] = {}
         # Facts for the model card that the arguments do not hold (dataset, license, ...).
         self.card_info: dict[str, Any] = {}
         self._logged_terms: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._schedule_values: dict[str, float] = {}
 
         super().__init__(
-            model=DistillationModel(student, extras, self.method),
+            model=DistillationModel(student, extras, self.method, self.method.student_layers()),
             args=args,
             data_collator=data_collator or collate_images,
             train_dataset=train_dataset,
@@ -154,6 +158,19 @@ class DistillationTrainer(Trainer):
             for name in args.teacher_names
         ] if args.teacher_names else []
 
+    def _probe(self, student: nn.Module) -> dict:
+        """Shapes and layouts of the tapped layers, from one dry forward of each model."""
+        s_layers, t_layers = self.method.student_layers(), self.method.teacher_layers()
+        if not (s_layers or t_layers):
+            return {}
+        spec = self.student_spec
+        example = torch.zeros(2, spec.in_chans, *spec.image_size)
+        probe = {"student": probe_features(student, s_layers, example), "teacher": {}}
+        if t_layers and len(self.teachers):
+            teacher, adapter = self.teachers.models[0], self.teachers.adapters[0]
+            probe["teacher"] = probe_features(teacher, t_layers, adapter(example))
+        return probe
+
     def _teacher_dtype(self) -> torch.dtype:
         choice = self.args.teacher_dtype
         if choice == "auto":
@@ -176,21 +193,33 @@ class DistillationTrainer(Trainer):
 
     @property
     def progress(self) -> Progress:
-        return Progress(step=self.state.global_step, max_steps=self.state.max_steps, epoch=self.state.epoch or 0.0)
+        state = self.state
+        return Progress(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0,
+                        num_epochs=float(getattr(state, "num_train_epochs", 0) or self.args.num_train_epochs))
 
     # ------------------------------------------------------------------ training
     def teacher_logits(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
         """The teachers' logits on a student batch (mean over teachers), without autograd."""
+        return self.teacher_outputs(pixel_values)[0]
+
+    def teacher_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(logits, tapped features) of the teachers on a student batch, without autograd."""
         if not len(self.teachers):
-            return None
+            return None, {}
         with self.accelerator.autocast():
             outs = self.teachers(pixel_values)
-        return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
+        features = self.teachers.pop_features()
+        return (outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)), features
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixel_values, labels = inputs["pixel_values"], inputs.get("labels")
+        progress = self.progress
+        if model.training:
+            self.method.prepare_student(self.student, progress)
         out = model(pixel_values=pixel_values)
-        teacher_logits = self.teacher_logits(pixel_values) if self.method.needs_teacher else None
+        teacher_logits, teacher_features = (
+            self.teacher_outputs(pixel_values) if self.method.needs_teacher else (None, {})
+        )
         if teacher_logits is not None and teacher_logits.shape[-1] != out["logits"].shape[-1]:
             raise ValueError(
                 f"class-count mismatch: the student outputs {out['logits'].shape[-1]} logits but the teacher "
@@ -201,13 +230,16 @@ class DistillationTrainer(Trainer):
             labels=labels,
             teacher_logits=teacher_logits,
             student_features=out["features"],
+            teacher_features=teacher_features,
             extra_outputs=out["extra"],
-            progress=self.progress,
+            progress=progress,
         )
         loss, terms = self.method.loss(step)
         if model.training:
             for key, value in terms.items():
                 self._logged_terms[key].append(value.detach().float())
+            # schedule values as they were for this step (the state has moved on by log time)
+            self._schedule_values = self.method.log_values(progress)
         return (loss, out) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -227,7 +259,7 @@ class DistillationTrainer(Trainer):
                 mean = torch.stack(values).mean()
                 logs[key] = round(self.accelerator.reduce(mean, reduction="mean").item(), 6)
             self._logged_terms.clear()
-            logs.update(self.method.log_values(self.progress))
+            logs.update(self._schedule_values)
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ evaluation

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from torch import nn
 
@@ -174,16 +174,17 @@ def test_validate_against_local_hub(tmp_path):
     with local_hub() as hub:
         card.validate()  # POST /api/validate-yaml on the local server
         assert ("POST", "/api/validate-yaml") in hub.requests
-        broken = ModelCard("---\nlicense: [unclosed\n---\n# x\n", ignore_metadata_errors=True)
-        with pytest.raises(ValueError):
-            broken.validate()
+        with pytest.raises(ValueError, match="Invalid metadata"):  # the pre-commit README check, invalid YAML
+            HfApi()._validate_yaml("---\nlicense: [unclosed\n---\n# x\n")
         from huggingface_hub import create_repo
 
         create_repo("me/resnet18-kd-cifar10")
         card.push_to_hub("me/resnet18-kd-cifar10")
         pushed = hub.repos["me/resnet18-kd-cifar10"]["README.md"].decode()
         assert pushed == str(card) and FAKE_TOKEN not in pushed
-        loaded = ModelCard.load("me/resnet18-kd-cifar10", cache_dir=tmp_path)
+        from huggingface_hub import hf_hub_download
+
+        loaded = ModelCard.load(hf_hub_download("me/resnet18-kd-cifar10", "README.md", cache_dir=tmp_path))
         assert loaded.data.base_model == "timm/resnet50.a1_in1k"
 
 
@@ -204,7 +205,7 @@ def test_usage_snippets_run_against_local_hub(tmp_path, monkeypatch):
     timm_model = timm.create_model("test_resnet", num_classes=3)
     hf_model = ResNetForImageClassification(ResNetConfig(num_labels=3, embedding_size=8, hidden_sizes=[8, 8],
                                                          depths=[1, 1]))
-    with local_hub():
+    with local_hub() as hub:
         for repo, model, library in (("me/timm-student", timm_model, "timm"),
                                      ("me/hf-student", hf_model, "transformers")):
             folder = tmp_path / library
@@ -218,6 +219,7 @@ def test_usage_snippets_run_against_local_hub(tmp_path, monkeypatch):
             assert blocks
             for code in blocks:
                 exec(compile(code, f"<{library} usage>", "exec"), {})
+            assert any(m == "GET" and p.startswith(f"/{repo}/resolve/") for m, p in hub.requests)
         # the local-folder form (no repo id) runs too
         card = build_model_card(_kd_context(repo_id=None))
         code = _python_blocks(card.text)[0].replace("/path/to/this/folder", str(tmp_path / "timm"))

@@ -21,6 +21,7 @@ class Progress:
     step: int = 0
     max_steps: int = 0
     epoch: float = 0.0
+    num_epochs: float = 0.0
 
     @property
     def fraction(self) -> float:
@@ -62,6 +63,9 @@ class DistillationMethod:
         """Raise ``ValueError`` for argument values this method cannot use."""
 
     # --- set-up -------------------------------------------------------------------------
+    def setup(self, student: nn.Module, teachers: list[nn.Module]) -> None:
+        """Called first, with the models (e.g. to resolve ``auto`` layer choices)."""
+
     def student_layers(self) -> list[str]:
         """Student modules whose outputs the loss needs (forward hooks are placed there)."""
         return []
@@ -87,6 +91,9 @@ class DistillationMethod:
 
     def loss(self, out: StepOutputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def prepare_student(self, student: nn.Module, progress: Progress) -> None:
+        """Called before each training forward (after ``train()``), e.g. to hold parts in eval mode."""
 
     def trainable_parameters(self, student: nn.Module, progress: Progress) -> set[str] | None:
         """Names of student parameters updated at this point, or ``None`` for all of them."""

@@ -1,0 +1,260 @@
+"""FitNets: hints for thin deep nets (Romero et al., ICLR 2015). See METHODS.md section 2.
+
+Stage 1 (``hint_epochs`` > 0) trains the student up to its guided layer(s) plus the
+regressors on the hint loss only; every later student parameter gets no update and later
+BatchNorm layers are held in eval mode, so they are untouched. Stage 2 trains the whole
+student with KD, the soft term's weight following ``soft_weight_schedule``, plus
+``hint_weight`` times the hint loss (0 by default: the regressors are dropped).
+
+Layouts: feature maps are compared as NCHW; a token sequence facing a feature map is mapped
+onto its patch grid (prefix tokens dropped) and then treated as a map; token sequences on
+both sides use a linear regressor over channels (token counts must match after dropping
+prefix tokens, else both go to grids). Spatial mismatch: the regressed map is resized to the
+teacher's size (average pooling when shrinking, bilinear when growing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import hint_loss, soft_kl
+from ..schedules import SCHEDULES, anneal
+from ..taps import NCHW, NHWC, TOKENS, VECTOR, num_prefix_tokens, to_nchw
+from .base import DistillationMethod, Progress, StepOutputs
+
+
+@dataclass
+class FitNetsArguments:
+    hint_layers: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "FitNets: `student.module:teacher.module` pairs (names as in named_modules(); "
+            "`hf-distill layers MODEL` lists them), or `auto` to pair the middle stages of both models."
+        },
+    )
+    hint_epochs: float = field(
+        default=0.0,
+        metadata={"help": "FitNets stage 1 length in epochs (hint loss only, layers up to the guided one); 0: none."},
+    )
+    hint_weight: float = field(
+        default=0.0, metadata={"help": "FitNets: weight of the hint loss kept in stage 2 (0 drops the regressors)."}
+    )
+    soft_weight_schedule: str = field(
+        default="constant",
+        metadata={"help": f"FitNets stage 2: schedule of the soft-term multiplier, one of {', '.join(SCHEDULES)}."},
+    )
+    soft_weight_start: float = field(
+        default=1.0, metadata={"help": "FitNets: soft-term multiplier at the start of stage 2 (the paper: 4)."}
+    )
+    soft_weight_end: float = field(
+        default=1.0, metadata={"help": "FitNets: soft-term multiplier at the end of training (the paper: 1)."}
+    )
+
+
+def parse_hint_layers(value, student: nn.Module | None = None, teacher: nn.Module | None = None) -> list[tuple[str, str]]:
+    """``["s:t", ...]`` or ``"auto"`` -> ``[(student_layer, teacher_layer), ...]``."""
+    items = [value] if isinstance(value, str) else list(value or [])
+    if items == ["auto"]:
+        if student is None or teacher is None:
+            return []
+        from ..stages import stage_names
+
+        s_names, t_names = stage_names(student), stage_names(teacher)
+        return [(s_names[len(s_names) // 2], t_names[len(t_names) // 2])]
+    pairs = []
+    for item in items:
+        if item.count(":") != 1:
+            raise ValueError(f"hint layer '{item}' must be 'student.module:teacher.module' (or 'auto')")
+        s, t = item.split(":")
+        pairs.append((s.strip(), t.strip()))
+    return pairs
+
+
+class HintRegressor(nn.Module):
+    """Maps a student feature to the teacher's hint shape (and brings the hint to a common layout)."""
+
+    def __init__(self, s_shape, s_layout, t_shape, t_layout, s_prefix=0, t_prefix=0):
+        super().__init__()
+        self.s_layout, self.t_layout, self.s_prefix, self.t_prefix = s_layout, t_layout, s_prefix, t_prefix
+        if VECTOR in (s_layout, t_layout):
+            if s_layout != t_layout:
+                raise ValueError(f"cannot regress a {s_layout} feature {s_shape} onto a {t_layout} hint {t_shape}")
+            self.mode = "vector"
+            self.proj = nn.Linear(s_shape[-1], t_shape[-1])
+            return
+        same_tokens = (
+            s_layout == TOKENS and t_layout == TOKENS and s_shape[1] - s_prefix == t_shape[1] - t_prefix
+        )
+        if same_tokens:
+            self.mode = "tokens"
+            self.proj = nn.Linear(s_shape[-1], t_shape[-1])
+            return
+        self.mode = "map"
+        s_ch = s_shape[-1] if s_layout in (NHWC, TOKENS) else s_shape[1]
+        t_ch = t_shape[-1] if t_layout in (NHWC, TOKENS) else t_shape[1]
+        # 1x1 conv + BN: the paper's convolutional regressor in its common modern form
+        self.proj = nn.Sequential(nn.Conv2d(s_ch, t_ch, 1, bias=False), nn.BatchNorm2d(t_ch))
+
+    def target(self, t: torch.Tensor) -> torch.Tensor:
+        if self.mode == "tokens":
+            return t[:, self.t_prefix:]
+        if self.mode == "map":
+            return to_nchw(t, self.t_layout, self.t_prefix)
+        return t
+
+    def forward(self, s: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.mode == "tokens":
+            return self.proj(s[:, self.s_prefix:])
+        if self.mode == "vector":
+            return self.proj(s)
+        y = self.proj(to_nchw(s, self.s_layout, self.s_prefix))
+        if size is not None and tuple(y.shape[-2:]) != tuple(size):
+            if y.shape[-2] >= size[0] and y.shape[-1] >= size[1]:
+                y = F.adaptive_avg_pool2d(y, size)
+            else:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return y
+
+
+class FitNets(DistillationMethod):
+    name = "fitnets"
+    arguments = FitNetsArguments
+    paper = ("FitNets: Hints for Thin Deep Nets (Romero et al., ICLR 2015)", "https://arxiv.org/abs/1412.6550")
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.pairs = parse_hint_layers(args.hint_layers)  # "auto" is resolved in build_modules
+        self.stage1_parameters: set[str] = set()
+        self._later_modules: list[nn.Module] = []
+
+    @classmethod
+    def validate(cls, args) -> None:
+        if args.distill_method != cls.name:
+            return
+        if not args.hint_layers:
+            raise ValueError("distill_method='fitnets' needs hint_layers ('student.module:teacher.module' or 'auto')")
+        parse_hint_layers(args.hint_layers)
+        if args.hint_epochs < 0 or args.hint_weight < 0:
+            raise ValueError("hint_epochs and hint_weight must be >= 0")
+        if args.soft_weight_schedule not in SCHEDULES:
+            raise ValueError(f"soft_weight_schedule must be one of {SCHEDULES}, got '{args.soft_weight_schedule}'")
+        if args.hint_epochs > 0 and args.ddp_find_unused_parameters is None:
+            # stage 1 leaves later layers without gradients; DDP must be told
+            args.ddp_find_unused_parameters = True
+
+    def student_layers(self):
+        return [s for s, _ in self.pairs]
+
+    def teacher_layers(self):
+        return [t for _, t in self.pairs]
+
+    def setup(self, student, teachers) -> None:
+        if not self.pairs:
+            if not teachers:
+                raise ValueError("fitnets needs a teacher for its hints")
+            self.pairs = parse_hint_layers(self.args.hint_layers, student, teachers[0])
+
+    def build_modules(self, student, teachers, probe):
+        regs = nn.ModuleDict()
+        s_prefix, t_prefix = num_prefix_tokens(student), num_prefix_tokens(teachers[0])
+        for i, (s, t) in enumerate(self.pairs):
+            (s_shape, s_layout), (t_shape, t_layout) = probe["student"][s], probe["teacher"][t]
+            try:
+                regs[str(i)] = HintRegressor(s_shape, s_layout, t_shape, t_layout, s_prefix, t_prefix)
+            except ValueError as err:
+                raise ValueError(f"hint pair {s}:{t}: {err}") from None
+        self.stage1_parameters = self._parameters_feeding(student, [s for s, _ in self.pairs], probe)
+        def feeds_guided_layer(prefix: str, module: nn.Module) -> bool:
+            own = [f"{prefix}.{p}" if prefix else p for p, _ in module.named_parameters(recurse=False)]
+            return any(name in self.stage1_parameters for name in own)
+
+        self._later_modules = [
+            m for prefix, m in student.named_modules()
+            if list(m.parameters(recurse=False)) and not feeds_guided_layer(prefix, m)
+        ]
+        return regs
+
+    @staticmethod
+    def _parameters_feeding(student, layers, probe) -> set[str]:
+        """Names of the student parameters the guided layers' outputs depend on (found by autograd)."""
+        from ..models import input_spec
+        from ..taps import FeatureTaps, default_call
+
+        spec = input_spec(student)
+        x = torch.zeros(2, spec.in_chans, *spec.image_size)
+        was_training = student.training
+        student.eval()
+        try:
+            with FeatureTaps(student, layers) as taps, torch.enable_grad():
+                default_call(student, x)
+                feats = taps.pop()
+                total = sum(f.float().sum() for f in feats.values())
+                params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+                grads = torch.autograd.grad(total, [p for _, p in params], allow_unused=True)
+        finally:
+            student.train(was_training)
+        return {n for (n, _), g in zip(params, grads) if g is not None}
+
+    def in_stage1(self, progress: Progress) -> bool:
+        return progress.epoch < self.args.hint_epochs
+
+    def forward_modules(self, modules, student_features):
+        return {"regressors": modules}
+
+    def _hint(self, out: StepOutputs) -> torch.Tensor:
+        regs = out.extra_outputs["regressors"]
+        total = out.student_logits.new_zeros((), dtype=torch.float32)
+        for i, (s, t) in enumerate(self.pairs):
+            reg = regs[str(i)]
+            target = reg.target(out.teacher_features[t])
+            pred = reg(out.student_features[s], tuple(target.shape[-2:]) if reg.mode == "map" else None)
+            total = total + hint_loss(pred, target)
+        return total
+
+    def soft_weight(self, progress: Progress) -> float:
+        """The stage-2 multiplier of the soft term, annealed from start to end over stage 2."""
+        stage2_epochs = max(1e-9, progress.num_epochs - self.args.hint_epochs)
+        frac = (progress.epoch - self.args.hint_epochs) / stage2_epochs
+        return anneal(self.args.soft_weight_schedule, self.args.soft_weight_start, self.args.soft_weight_end, frac)
+
+    def loss(self, out: StepOutputs):
+        if self.in_stage1(out.progress):
+            hint = self._hint(out)
+            return hint, {"loss_hint": hint.detach()}
+        alpha = self.args.alpha
+        kd = soft_kl(out.student_logits, out.teacher_logits, self.args.temperature)
+        ce = F.cross_entropy(out.student_logits.float(), out.labels) if alpha < 1 else kd.new_zeros(())
+        total = (1 - alpha) * ce + alpha * self.soft_weight(out.progress) * kd
+        terms = {"loss_ce": ce.detach(), "loss_kd": kd.detach()}
+        if self.args.hint_weight > 0:
+            hint = self._hint(out)
+            total = total + self.args.hint_weight * hint
+            terms["loss_hint"] = hint.detach()
+        return total, terms
+
+    def prepare_student(self, student, progress):
+        if self.in_stage1(progress):
+            for m in self._later_modules:  # no BatchNorm statistics updates past the guided layer
+                m.eval()
+
+    def trainable_parameters(self, student, progress):
+        return self.stage1_parameters if self.in_stage1(progress) else None
+
+    def log_values(self, progress):
+        stage1 = self.in_stage1(progress)
+        return {"fitnets_stage": 1 if stage1 else 2,
+                "soft_weight": 0.0 if stage1 else self.args.alpha * self.soft_weight(progress)}
+
+    def hyperparameters(self):
+        a = self.args
+        return {
+            "hint_layers": [f"{s}:{t}" for s, t in self.pairs], "hint_epochs": a.hint_epochs,
+            "hint_weight": a.hint_weight, "temperature": a.temperature, "alpha": a.alpha,
+            "soft_weight_schedule": a.soft_weight_schedule, "soft_weight_start": a.soft_weight_start,
+            "soft_weight_end": a.soft_weight_end,
+        }
