@@ -42,8 +42,9 @@ Anything else can be split by declaring it: ``split_model(model, stage_names=[..
 head=[...])`` (``stage_modules`` / ``stem_modules`` / ``head_modules`` in the arguments), each a
 sequence of module names applied in order; see :class:`UnsupportedModelError`.
 
-Gradient checkpointing flags (``grad_checkpointing`` in timm, ``gradient_checkpointing`` in
-transformers) are ignored: the split always runs the modules plainly (same values, more memory).
+timm's ``grad_checkpointing`` flag is ignored: the split runs the stages plainly (same values, more
+memory).  transformers' per-layer checkpointing (``GradientCheckpointingLayer``) still applies,
+because the layers are called as modules.
 """
 
 from __future__ import annotations

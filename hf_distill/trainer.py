@@ -17,7 +17,18 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .arguments import DistillationTrainingArguments
 from .data import collate_images
 from .methods import Progress, StepOutputs, get_method
-from .models import call_model, input_spec, load_model, load_native_weights, model_name, save_native
+from .model_card import CardContext, build_model_card, measure_latency_ms
+from .models import (
+    call_model,
+    count_parameters,
+    input_spec,
+    label_names_of,
+    load_model,
+    load_native_weights,
+    model_family,
+    model_name,
+    save_native,
+)
 from .taps import FeatureTaps, probe_features
 from .teacher import Teachers, check_label_spaces
 
@@ -127,6 +138,7 @@ class DistillationTrainer(Trainer):
         self._teacher_metrics: dict[str, float] = {}
         # Facts for the model card that the arguments do not hold (dataset, license, ...).
         self.card_info: dict[str, Any] = {}
+        self._timing_cache: dict | None = None
         self._logged_terms: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._schedule_values: dict[str, float] = {}
 
@@ -311,6 +323,7 @@ class DistillationTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(_without_secrets(self.args), os.path.join(output_dir, "training_args.bin"))
+        self.create_model_card(output_dir=output_dir)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -339,8 +352,88 @@ class DistillationTrainer(Trainer):
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
-    def teacher_description(self) -> list[str]:
-        return [model_name(t) for t in self.teachers.models]
+    def push_to_hub(self, *args, **kwargs):
+        """Upload the student (native format + card) to the Hub; see ``Trainer.push_to_hub``."""
+        # Write the local output first: a failed upload must still leave a complete model folder.
+        self.save_model(_internal_call=True)
+        return super().push_to_hub(*args, **kwargs)
+
+    # ------------------------------------------------------------------ model card
+    def model_card_context(self, **overrides) -> CardContext:
+        """Everything the generated model card reports, from this run."""
+        student, args = self.student, self.args
+        spec = self.student_spec
+        metrics = {}
+        for entry in self.state.log_history:
+            for key, value in entry.items():
+                if key.startswith("eval_") and isinstance(value, (int, float)) and not key.endswith(
+                        ("_runtime", "_per_second", "_loss")):
+                    metrics[key[len("eval_"):]] = float(value)
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        world = self.accelerator.num_processes
+        training = {
+            "epochs": round(float(self.state.epoch or args.num_train_epochs), 3),
+            "steps": self.state.global_step,
+            "train_batch_size": args.per_device_train_batch_size * world * args.gradient_accumulation_steps,
+            "optimizer": str(getattr(args.optim, "value", args.optim)),
+            "learning_rate": args.learning_rate,
+            "weight_decay": args.weight_decay,
+            "lr_scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "precision": precision,
+            "num_processes": world,
+            "seed": args.seed,
+        }
+        ctx = CardContext(
+            student_name=model_name(student),
+            library_name=model_family(student),
+            student_params=count_parameters(student),
+            method=args.distill_method,
+            teacher_names=[model_name(t) for t in self.teachers.models],
+            teacher_params=[count_parameters(t) for t in self.teachers.models],
+            method_paper=self.method.paper,
+            hyperparameters=self.method.hyperparameters(),
+            metrics=metrics,
+            dataset=self.card_info.get("dataset"),
+            license=self.card_info.get("license"),
+            training=training,
+            timing=self._timing(),
+            label_names=label_names_of(student),
+            repo_id=args.hub_model_id if args.push_to_hub else self.card_info.get("repo_id"),
+            image_size=tuple(spec.image_size),
+            in_chans=spec.in_chans,
+            notes=dict(self.card_info.get("notes", {})),
+        )
+        for key, value in overrides.items():
+            setattr(ctx, key, value)
+        return ctx
+
+    def _timing(self) -> dict:
+        """Inference time of student and teachers, measured once per run on this machine."""
+        if self._timing_cache is None:
+            spec = self.student_spec
+            device = next(self.student.parameters()).device
+            x = torch.zeros(8, spec.in_chans, *spec.image_size, device=device)
+            timing = {"student_ms_per_image": measure_latency_ms(self.student, x), "batch_size": 8,
+                      "device": str(device), "image_size": f"{spec.image_size[0]}x{spec.image_size[1]}"}
+            if len(self.teachers):
+                timing["teacher_ms_per_image"] = sum(
+                    measure_latency_ms(t, a(x)) for t, a in zip(self.teachers.models, self.teachers.adapters))
+            self._timing_cache = timing
+        return self._timing_cache
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, output_dir=None, **_):
+        """Write the distillation model card (``README.md``) into the output folder.
+
+        Replaces the Trainer's text card; called on every ``save_model`` and by ``push_to_hub``.
+        """
+        if not self.is_world_process_zero():
+            return
+        overrides = {k: v for k, v in {"license": license, "dataset": dataset}.items() if v is not None}
+        card = build_model_card(self.model_card_context(**overrides))
+        folder = output_dir or self.args.output_dir
+        os.makedirs(folder, exist_ok=True)
+        card.save(os.path.join(folder, "README.md"))
 
 
 def _without_secrets(args: DistillationTrainingArguments) -> DistillationTrainingArguments:
