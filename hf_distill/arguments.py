@@ -49,6 +49,29 @@ class DistillationTrainingArguments(*_METHOD_ARGUMENTS, TrainingArguments):
         default=0.9,
         metadata={"help": "Weight of the teacher (soft) term; (1 - alpha) weighs the label cross-entropy."},
     )
+    distill_loss: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Soft term of KD-style losses: `kl` (T^2 * KL of temperature-softened outputs) or `mse` "
+            "(1/2 * ||z_s - z_t||^2 logit regression). Default: `mse` for noisy_teacher, `kl` otherwise."
+        },
+    )
+    teacher_noise_std: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Noisy teacher sigma: perturbed logits are z_t * (1 + xi), xi ~ N(0, sigma^2), fresh each "
+            "step, training only. Default 0 (0.2 for noisy_teacher)."
+        },
+    )
+    teacher_noise_prob: Optional[float] = field(
+        default=None,
+        metadata={"help": "Noisy teacher alpha: probability that a sample's teacher logits are perturbed. "
+                  "Default 0 (0.5 for noisy_teacher)."},
+    )
+    teacher_ensemble: str = field(
+        default="mean",
+        metadata={"help": "With several teachers: `mean` averages their logits, `random` draws one per batch."},
+    )
     teacher_dtype: str = field(
         default="auto",
         metadata={
@@ -77,6 +100,18 @@ class DistillationTrainingArguments(*_METHOD_ARGUMENTS, TrainingArguments):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        for key, value in method.preset.items():  # a method's defaults for arguments left unset
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self.distill_loss = self.distill_loss or "kl"
+        self.teacher_noise_std = self.teacher_noise_std or 0.0
+        self.teacher_noise_prob = self.teacher_noise_prob or 0.0
+        if self.distill_loss not in ("kl", "mse"):
+            raise ValueError(f"distill_loss must be 'kl' or 'mse', got '{self.distill_loss}'")
+        if self.teacher_noise_std < 0 or not 0.0 <= self.teacher_noise_prob <= 1.0:
+            raise ValueError("teacher_noise_std must be >= 0 and teacher_noise_prob in [0, 1]")
+        if self.teacher_ensemble not in ("mean", "random"):
+            raise ValueError(f"teacher_ensemble must be 'mean' or 'random', got '{self.teacher_ensemble}'")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got '{self.teacher_dtype}'")
         method.validate(self)

@@ -24,18 +24,20 @@ def kd_loss(
     labels: torch.Tensor | None,
     temperature: float,
     alpha: float,
+    kind: str = "kl",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Hinton KD: ``(1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(p_t || p_s)``.
 
+    ``kind="mse"`` replaces the KL term by L2 logit regression (noisy-teacher setting).
     Returns the total and its terms (unweighted) for logging. Without labels the CE term is 0.
     """
-    kd = soft_kl(student_logits, teacher_logits, temperature)
+    kd = soft_term(student_logits, teacher_logits, kind, temperature)
     if labels is None or alpha == 1.0:
         ce = kd.new_zeros(())
     else:
         ce = F.cross_entropy(student_logits.float(), labels)
     total = (1.0 - alpha) * ce + alpha * kd
-    return total, {"loss_ce": ce.detach(), "loss_kd": kd.detach()}
+    return total, {"loss_ce": ce.detach(), ("loss_kd" if kind == "kl" else "loss_mse"): kd.detach()}
 
 
 def logit_mse(student_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
@@ -53,3 +55,22 @@ def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) ->
         )
     diff = (student_features.float() - teacher_features.float()).flatten(1)
     return 0.5 * diff.pow(2).sum(dim=1).mean()
+
+
+def soft_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    """The teacher term of KD-style losses: ``"kl"`` (T^2 * KL) or ``"mse"`` (logit regression)."""
+    if kind == "kl":
+        return soft_kl(student_logits, teacher_logits, temperature)
+    if kind == "mse":
+        return logit_mse(student_logits, teacher_logits)
+    raise ValueError(f"unknown distill_loss '{kind}'")
+
+
+def perturb_logits(logits: torch.Tensor, std: float, prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noisy teacher (Sau & Balasubramanian, 2016): with probability ``prob`` per sample,
+    ``z * (1 + xi)`` with ``xi ~ N(0, std^2)`` elementwise; other samples unchanged."""
+    if std == 0.0 or prob == 0.0:
+        return logits
+    noise = torch.randn(logits.shape, device=logits.device, dtype=logits.dtype, generator=generator) * std
+    chosen = torch.rand(logits.shape[0], device=logits.device, generator=generator) < prob
+    return torch.where(chosen.unsqueeze(-1), logits * (1.0 + noise), logits)

@@ -214,6 +214,12 @@ def input_spec(model: nn.Module) -> InputSpec:
     return InputSpec()
 
 
+def declares_input_spec(model: nn.Module) -> bool:
+    """Whether the model says what input it expects (timm, transformers, or set_input_spec)."""
+    return (isinstance(getattr(model, "hf_distill_input_spec", None), InputSpec)
+            or is_transformers_model(model) or hasattr(model, "pretrained_cfg"))
+
+
 def set_input_spec(model: nn.Module, spec: InputSpec) -> None:
     """Declare what a model expects (for plain modules, or to override a library's default)."""
     model.hf_distill_input_spec = spec

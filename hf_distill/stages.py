@@ -14,29 +14,30 @@ the split reproduces the model's own ``forward`` operation by operation, so
 of stage ``i`` is exactly the output of the module named ``stage_names[i]`` in the normal forward
 (forward hooks registered on those names see the same tensors).
 
-Built-in families (detected by class, never by instance name):
+Built-in families (detected by class, never by instance name), as ``stem | stages | head``:
 
-=============================  =========================================  ===============================  ==================================
-family                         stem                                       stages (default)                 head
-=============================  =========================================  ===============================  ==================================
-timm ``ResNet`` (+ -D, wide)   conv1, bn1, act1, maxpool                  layer1 .. layer4                 forward_head
-timm ``ConvNeXt``              stem                                       stages.0 .. stages.3             norm_pre, forward_head
-timm ``EfficientNet``          conv_stem, bn1                             blocks.0 .. blocks.N-1           conv_head, bn2, forward_head
-(EfficientNet, MobileNetV2)
-timm ``MobileNetV3``           conv_stem, bn1                             blocks.0 .. blocks.N-1           forward_head (global_pool,
-                                                                                                           conv_head, norm_head, act2, ...)
-timm ``RegNet``                stem                                       s1 .. s4                         final_conv, forward_head
-timm ``VGG``                   (nothing)                                  features.<i> for every MaxPool   remaining features, pre_logits,
-                                                                                                           head
-timm ``VisionTransformer``     patch_embed, _pos_embed, patch_drop,       ``num_groups`` (default 4)       norm, forward_head
-(ViT, DeiT, DeiT-distilled)    norm_pre                                   groups of blocks; stage name =
-                                                                          last block of the group
-HF ``ResNetFor...``            resnet.embedder                            resnet.encoder.stages.<i>        resnet.pooler, classifier
-HF ``ConvNextFor...``          convnext.embeddings                        convnext.encoder.stages.<i>      layernorm(mean over H, W),
-                                                                                                           classifier
-HF ``ViTFor...``               (dtype cast), vit.embeddings               ``num_groups`` groups of         vit.layernorm, [CLS] token,
-                                                                          vit.layers (vit.encoder.layer)   classifier
-=============================  =========================================  ===============================  ==================================
+* timm ``ResNet`` (ResNet, ResNet-D, WideResNet ...): conv1, bn1, act1, maxpool | layer1 .. layer4 |
+  forward_head
+* timm ``ConvNeXt``: stem | stages.0 .. stages.3 | norm_pre, forward_head
+* timm ``EfficientNet`` (EfficientNet, MobileNetV2 ...): conv_stem, bn1 | blocks.0 .. blocks.N-1 |
+  conv_head, bn2, forward_head
+* timm ``MobileNetV3``: conv_stem, bn1 | blocks.0 .. blocks.N-1 | forward_head (global_pool,
+  conv_head, norm_head, act2, flatten, classifier)
+* timm ``RegNet``: stem | s1 .. s4 | final_conv, forward_head
+* timm ``VGG``: (nothing) | features.<j> ending at every MaxPool | any remaining features,
+  pre_logits, head
+* timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT): patch_embed, _pos_embed, patch_drop,
+  norm_pre | ``num_groups`` (default 4) groups of blocks as even as possible, each named after its
+  last block (``blocks.2, blocks.5, ...``) | norm, forward_head
+* transformers ``ResNetForImageClassification``: resnet.embedder | resnet.encoder.stages.<i> |
+  resnet.pooler, classifier
+* transformers ``ConvNextForImageClassification``: convnext.embeddings | convnext.encoder.stages.<i> |
+  convnext.layernorm(mean over H, W), classifier
+* transformers ``ViTForImageClassification``: dtype cast, vit.embeddings | ``num_groups`` groups of
+  vit.layers (``vit.encoder.layer`` in older transformers, best effort) | vit.layernorm, [CLS] token, classifier
+
+For these, ``stage_names`` alone regroups the built-in units (``["layer2", "layer4"]``).
+A subclass that overrides ``forward`` / ``forward_features`` is not treated as built-in.
 
 Anything else can be split by declaring it: ``split_model(model, stage_names=[...], stem=[...],
 head=[...])`` (``stage_modules`` / ``stem_modules`` / ``head_modules`` in the arguments), each a
@@ -618,7 +619,8 @@ def split_model(
 
     if stem is not None or head is not None:
         if stage_names is None or stem is None or head is None:
-            missing = [n for n, v in (("stage_modules", stage_names), ("stem_modules", stem), ("head_modules", head)) if v is None]
+            declared = (("stage_modules", stage_names), ("stem_modules", stem), ("head_modules", head))
+            missing = [n for n, v in declared if v is None]
             raise UnsupportedModelError(
                 f"{type(model).__name__}: incomplete split declaration, missing {missing}. " + _DECLARE_HELP
             )
@@ -642,9 +644,10 @@ def split_model(
         what = "" if stage_names is None else " (stage names alone are not enough for it)"
         raise UnsupportedModelError(
             f"Cannot split {type(model).__module__}.{type(model).__name__} into stem / stages / head "
-            f"automatically{what}: it is not a built-in family (timm ResNet, ConvNeXt, EfficientNet/MobileNetV2, "
-            "MobileNetV3, RegNet, VGG, VisionTransformer/DeiT; transformers ResNet/ConvNext/ViT "
-            f"ForImageClassification). Top-level children of this model: {children}. " + _DECLARE_HELP
+            f"automatically{what}: it is not a built-in family (timm ResNet, ConvNeXt, "
+            "EfficientNet/MobileNetV2, MobileNetV3, RegNet, VGG, VisionTransformer/DeiT; transformers "
+            f"ResNet/ConvNext/ViT ForImageClassification). Top-level children of this model: {children}. "
+            + _DECLARE_HELP
         )
     return _build_from_spec(model, make_spec(model), stage_names, num_groups)
 

@@ -8,7 +8,16 @@ import torch
 from torch import nn
 
 from .taps import FeatureTaps
-from .models import InputAdapter, InputSpec, call_model, input_spec, label_names_of, model_name, num_classes_of
+from .models import (
+    InputAdapter,
+    InputSpec,
+    call_model,
+    declares_input_spec,
+    input_spec,
+    label_names_of,
+    model_name,
+    num_classes_of,
+)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -51,7 +60,10 @@ class Teachers(nn.Module):
     def __init__(self, teachers: Sequence[nn.Module], student_spec: InputSpec, layers: Sequence[str] = ()):
         super().__init__()
         self.models = nn.ModuleList(freeze(t) for t in teachers)
-        self.adapters = nn.ModuleList(InputAdapter(student_spec, input_spec(t)) for t in teachers)
+        # A plain module that declares nothing is assumed to take the student's input as is.
+        self.adapters = nn.ModuleList(
+            InputAdapter(student_spec, input_spec(t) if declares_input_spec(t) else student_spec) for t in teachers
+        )
         # Hint features come from the first teacher (the one a method's layer names refer to).
         self._taps = FeatureTaps(self.models[0], layers, detach=True) if layers and len(self.models) else None
 
@@ -66,10 +78,12 @@ class Teachers(nn.Module):
         return len(self.models)
 
     @torch.no_grad()
-    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """Each teacher's logits (float32) on the batch."""
+    def forward(self, pixel_values: torch.Tensor, which: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Each teacher's logits (float32) on the batch (only teachers ``which`` when given)."""
         outs = []
-        for teacher, adapter in zip(self.models, self.adapters):
+        for i, (teacher, adapter) in enumerate(zip(self.models, self.adapters)):
+            if which is not None and i not in which:
+                continue
             x = adapter(pixel_values)
             weight = next(teacher.parameters(), None)
             if weight is not None and weight.is_floating_point():

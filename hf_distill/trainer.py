@@ -16,6 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import DistillationTrainingArguments
 from .data import collate_images
+from .losses import perturb_logits
 from .methods import Progress, StepOutputs, get_method
 from .model_card import CardContext, build_model_card, measure_latency_ms
 from .models import (
@@ -211,16 +212,28 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ training
     def teacher_logits(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
-        """The teachers' logits on a student batch (mean over teachers), without autograd."""
-        return self.teacher_outputs(pixel_values)[0]
+        """The teachers' clean logits on a student batch (mean over teachers), without autograd."""
+        return self.teacher_outputs(pixel_values, training=False)[0]
 
-    def teacher_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """(logits, tapped features) of the teachers on a student batch, without autograd."""
-        if not len(self.teachers):
+    def teacher_outputs(self, pixel_values: torch.Tensor, training: bool = True
+                        ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(target logits, tapped features) of the teachers on a student batch, without autograd.
+
+        In training, ``teacher_ensemble="random"`` runs one teacher drawn per batch, and each
+        teacher's logits are perturbed (noisy teacher) before averaging. Randomness comes from the
+        global torch RNG, seeded by ``args.seed`` and restored on resume with the checkpoint.
+        """
+        n = len(self.teachers)
+        if not n:
             return None, {}
+        which = None
+        if training and n > 1 and self.args.teacher_ensemble == "random":
+            which = [int(torch.randint(n, (1,)).item())]
         with self.accelerator.autocast():
-            outs = self.teachers(pixel_values)
+            outs = self.teachers(pixel_values, which)
         features = self.teachers.pop_features()
+        if training:
+            outs = [perturb_logits(z, self.args.teacher_noise_std, self.args.teacher_noise_prob) for z in outs]
         return (outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)), features
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -230,7 +243,7 @@ class DistillationTrainer(Trainer):
             self.method.prepare_student(self.student, progress)
         out = model(pixel_values=pixel_values)
         teacher_logits, teacher_features = (
-            self.teacher_outputs(pixel_values) if self.method.needs_teacher else (None, {})
+            self.teacher_outputs(pixel_values, training=model.training) if self.method.needs_teacher else (None, {})
         )
         if teacher_logits is not None and teacher_logits.shape[-1] != out["logits"].shape[-1]:
             raise ValueError(

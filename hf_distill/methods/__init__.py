@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from .base import DistillationMethod, Progress, StepOutputs
 from .fitnets import FitNets
-from .kd import KnowledgeDistillation, Supervised
+from .kd import KnowledgeDistillation, NoisyTeacher, Supervised
 
 METHODS: dict[str, type[DistillationMethod]] = {
     m.name: m
     for m in (
         KnowledgeDistillation,
         FitNets,
+        NoisyTeacher,
         Supervised,
     )
 }

@@ -53,6 +53,7 @@ class DistillationMethod:
     arguments: ClassVar[type | None] = None
     needs_teacher: ClassVar[bool] = True
     default_temperature: ClassVar[float] = 4.0
+    preset: ClassVar[dict] = {}  # defaults for shared arguments the user left unset (None)
     paper: ClassVar[tuple[str, str] | None] = None  # (title, url) for model cards
 
     def __init__(self, args):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import hint_loss, soft_kl
+from ..losses import hint_loss, soft_term
 from ..schedules import SCHEDULES, anneal
 from ..taps import NCHW, NHWC, TOKENS, VECTOR, num_prefix_tokens, to_nchw
 from .base import DistillationMethod, Progress, StepOutputs
@@ -227,7 +227,7 @@ class FitNets(DistillationMethod):
             hint = self._hint(out)
             return hint, {"loss_hint": hint.detach()}
         alpha = self.args.alpha
-        kd = soft_kl(out.student_logits, out.teacher_logits, self.args.temperature)
+        kd = soft_term(out.student_logits, out.teacher_logits, self.args.distill_loss, self.args.temperature)
         ce = F.cross_entropy(out.student_logits.float(), out.labels) if alpha < 1 else kd.new_zeros(())
         total = (1 - alpha) * ce + alpha * self.soft_weight(out.progress) * kd
         terms = {"loss_ce": ce.detach(), "loss_kd": kd.detach()}

@@ -15,10 +15,30 @@ class KnowledgeDistillation(DistillationMethod):
     paper = ("Distilling the Knowledge in a Neural Network (Hinton et al., 2015)", "https://arxiv.org/abs/1503.02531")
 
     def loss(self, out: StepOutputs):
-        return kd_loss(out.student_logits, out.teacher_logits, out.labels, self.args.temperature, self.args.alpha)
+        a = self.args
+        return kd_loss(out.student_logits, out.teacher_logits, out.labels, a.temperature, a.alpha, a.distill_loss)
 
     def hyperparameters(self):
-        return {"temperature": self.args.temperature, "alpha": self.args.alpha}
+        a = self.args
+        params = {"temperature": a.temperature, "alpha": a.alpha, "distill_loss": a.distill_loss}
+        if a.teacher_noise_prob and a.teacher_noise_std:
+            params.update(teacher_noise_std=a.teacher_noise_std, teacher_noise_prob=a.teacher_noise_prob)
+        if len(a.teacher_names) > 1:
+            params["teacher_ensemble"] = a.teacher_ensemble
+        return params
+
+
+class NoisyTeacher(KnowledgeDistillation):
+    """The noisy-teacher preset (Sau & Balasubramanian, 2016): L2 logit regression on perturbed logits.
+
+    Defaults for arguments left unset: ``distill_loss="mse"``, ``teacher_noise_std=0.2``,
+    ``teacher_noise_prob=0.5``; ``alpha`` (0.9) still weighs the regression against label CE.
+    """
+
+    name = "noisy_teacher"
+    preset = {"distill_loss": "mse", "teacher_noise_std": 0.2, "teacher_noise_prob": 0.5}
+    paper = ("Deep Model Compression: Distilling Knowledge from Noisy Teachers (Sau & Balasubramanian, 2016)",
+             "https://arxiv.org/abs/1610.09650")
 
 
 class Supervised(DistillationMethod):
