@@ -74,19 +74,26 @@ def _load_accuracy():
 _ACCURACY = None
 
 
-def accuracy_metrics(eval_pred) -> dict[str, float]:
-    """Default ``compute_metrics``: top-1 accuracy of the student's logits."""
+def _accuracy(logits, labels) -> float:
     global _ACCURACY
-    preds = eval_pred.predictions
-    if isinstance(preds, (tuple, list)):
-        preds = preds[0]
-    pred_ids = np.asarray(preds).argmax(-1)
-    labels = np.asarray(eval_pred.label_ids)
+    pred_ids = np.asarray(logits).argmax(-1)
+    labels = np.asarray(labels)
     if _ACCURACY is None:
         _ACCURACY = _load_accuracy() or False
     if _ACCURACY:
-        return {"accuracy": float(_ACCURACY.compute(predictions=pred_ids, references=labels)["accuracy"])}
-    return {"accuracy": float((pred_ids == labels).mean())}
+        return float(_ACCURACY.compute(predictions=pred_ids, references=labels)["accuracy"])
+    return float((pred_ids == labels).mean())
+
+
+def accuracy_metrics(eval_pred, names: Sequence[str] = ()) -> dict[str, float]:
+    """Default ``compute_metrics``: top-1 accuracy of the student (and of named extra outputs)."""
+    preds = eval_pred.predictions
+    if not isinstance(preds, (tuple, list)):
+        preds = (preds,)
+    metrics = {"accuracy": _accuracy(preds[0], eval_pred.label_ids)}
+    for name, logits in zip(names, preds[1:]):
+        metrics[f"{name}_accuracy"] = _accuracy(logits, eval_pred.label_ids)
+    return metrics
 
 
 class DistillationTrainer(Trainer):
@@ -142,6 +149,7 @@ class DistillationTrainer(Trainer):
         self._timing_cache: dict | None = None
         self._logged_terms: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._schedule_values: dict[str, float] = {}
+        self._eval_output_names: list[str] = []
 
         super().__init__(
             model=DistillationModel(student, extras, self.method, self.method.student_layers()),
@@ -150,7 +158,7 @@ class DistillationTrainer(Trainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            compute_metrics=compute_metrics or accuracy_metrics,
+            compute_metrics=compute_metrics or (lambda p: accuracy_metrics(p, self._eval_output_names)),
             callbacks=callbacks,
             optimizers=optimizers,
             **kwargs,
@@ -243,7 +251,7 @@ class DistillationTrainer(Trainer):
             self.method.prepare_student(self.student, progress)
         out = model(pixel_values=pixel_values)
         teacher_logits, teacher_features = (
-            self.teacher_outputs(pixel_values, training=model.training) if self.method.needs_teacher else (None, {})
+            self.teacher_outputs(pixel_values, training=model.training) if self.method.uses_teacher else (None, {})
         )
         if teacher_logits is not None and teacher_logits.shape[-1] != out["logits"].shape[-1]:
             raise ValueError(
@@ -298,6 +306,10 @@ class DistillationTrainer(Trainer):
         loss = F.cross_entropy(logits, labels).detach() if labels is not None else None
         if prediction_loss_only:
             return loss, None, None
+        extra = self.method.eval_logits(out)
+        if extra:  # predictions become (student, *extra) and metrics are named after them
+            self._eval_output_names = list(extra)
+            return loss, (logits.detach(), *(v.detach() for v in extra.values())), labels
         return loss, logits.detach(), labels
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -333,6 +345,7 @@ class DistillationTrainer(Trainer):
         if state_dict is not None:
             student_state = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
         save_native(self.student, output_dir, state_dict=student_state)
+        self.method.save(self.student, self.extra_modules, output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(_without_secrets(self.args), os.path.join(output_dir, "training_args.bin"))

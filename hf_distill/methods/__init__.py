@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import DistillationMethod, Progress, StepOutputs
+from .byot import BeYourOwnTeacher
 from .fitnets import FitNets
 from .kd import KnowledgeDistillation, NoisyTeacher, Supervised
 
@@ -11,6 +12,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
     for m in (
         KnowledgeDistillation,
         FitNets,
+        BeYourOwnTeacher,
         NoisyTeacher,
         Supervised,
     )

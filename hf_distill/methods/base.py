@@ -52,6 +52,7 @@ class DistillationMethod:
     name: ClassVar[str]
     arguments: ClassVar[type | None] = None
     needs_teacher: ClassVar[bool] = True
+    uses_teacher: ClassVar[bool] = True  # run a teacher when one is given (BYOT: optional)
     default_temperature: ClassVar[float] = 4.0
     preset: ClassVar[dict] = {}  # defaults for shared arguments the user left unset (None)
     paper: ClassVar[tuple[str, str] | None] = None  # (title, url) for model cards
@@ -103,6 +104,13 @@ class DistillationMethod:
     def log_values(self, progress: Progress) -> dict[str, float]:
         """Scalars worth logging besides the loss terms (current weights of schedules)."""
         return {}
+
+    def eval_logits(self, out: dict) -> dict[str, torch.Tensor]:
+        """Extra named logits to evaluate besides the student's (e.g. exits); ``{name}_accuracy`` is logged."""
+        return {}
+
+    def save(self, student: nn.Module, extras: nn.ModuleDict, output_dir: str) -> None:
+        """Write method-specific files next to the saved student (only when asked to export them)."""
 
     def hyperparameters(self) -> dict[str, Any]:
         """The arguments that define this run of the method, for model cards."""

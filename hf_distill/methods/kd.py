@@ -46,6 +46,7 @@ class Supervised(DistillationMethod):
 
     name = "supervised"
     needs_teacher = False
+    uses_teacher = False
 
     def loss(self, out: StepOutputs):
         ce = F.cross_entropy(out.student_logits.float(), out.labels)

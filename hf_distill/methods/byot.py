@@ -1,0 +1,148 @@
+"""Be Your Own Teacher: self-distillation through exits (Zhang et al., ICCV 2019). METHODS.md section 4.
+
+Exits attach after the student's sections (its stages, from :mod:`hf_distill.stages`, unless
+``byot_exits`` names them); the network's own head is the deepest classifier ``K``::
+
+    L = CE(z_K, y) + sum_i [ (1 - a) CE(z_i, y) + a T^2 KL(p_K || p_i) + lam ||F_i - F_K||^2 ]
+
+with ``z_K`` and ``F_K`` detached, ``a = byot_alpha``, ``lam = byot_feature_weight``;
+``||.||^2`` is summed over a sample's features and averaged over the batch. With an external
+teacher, the deepest classifier's term becomes KD from it (``alpha``, ``distill_loss``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..exits import ExitHead, ExitSpec, MultiExitModel, deepest_target
+from ..losses import kd_loss, soft_kl
+from ..taps import num_prefix_tokens
+from .base import DistillationMethod, StepOutputs
+
+
+@dataclass
+class BYOTArguments:
+    byot_exits: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "BYOT: module names after which exits attach (default: after every stage but the last)."},
+    )
+    byot_alpha: float = field(
+        default=0.3, metadata={"help": "BYOT: weight of the deepest classifier's soft targets for each exit (0.3)."}
+    )
+    byot_feature_weight: float = field(
+        default=0.03, metadata={"help": "BYOT: weight lambda of the feature term ||F_i - F_K||^2 (0.03)."}
+    )
+    byot_export_exits: bool = field(
+        default=False,
+        metadata={"help": "BYOT: save_model also writes the exits (MultiExitModel.from_pretrained: early exit, "
+                  "ensemble). Default: the plain student only."},
+    )
+
+
+class BeYourOwnTeacher(DistillationMethod):
+    name = "byot"
+    arguments = BYOTArguments
+    needs_teacher = False
+    default_temperature = 3.0
+    paper = ("Be Your Own Teacher: Improve the Performance of Convolutional Neural Networks via Self "
+             "Distillation (Zhang et al., ICCV 2019)", "https://arxiv.org/abs/1905.08094")
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.exit_layers: list[str] = []
+        self.deepest_layer: str = ""
+        self._deepest_layout = "nchw"
+        self._prefix = 0
+
+    @classmethod
+    def validate(cls, args) -> None:
+        if args.distill_method != cls.name:
+            return
+        if not 0.0 <= args.byot_alpha <= 1.0 or args.byot_feature_weight < 0:
+            raise ValueError("byot_alpha must be in [0, 1] and byot_feature_weight >= 0")
+
+    def setup(self, student, teachers):
+        from ..stages import UnsupportedModelError, stage_names
+
+        try:
+            stages = stage_names(student)
+        except UnsupportedModelError as err:
+            raise ValueError(f"byot: cannot find the student's stages to attach exits and take the deepest "
+                             f"feature from.\n{err}") from None
+        self.deepest_layer = stages[-1]
+        self.exit_layers = list(self.args.byot_exits) if self.args.byot_exits else stages[:-1]
+        if not self.exit_layers:
+            raise ValueError("byot: the student has a single stage, there is nowhere to attach an exit")
+
+    def student_layers(self):
+        return [*self.exit_layers, self.deepest_layer]
+
+    def build_modules(self, student, teachers, probe):
+        from ..models import num_classes_of
+
+        self._prefix = num_prefix_tokens(student)
+        out_shape, self._deepest_layout = probe["student"][self.deepest_layer]
+        n_classes = num_classes_of(student)
+        if n_classes is None:
+            raise ValueError("byot needs to know the student's number of classes (num_classes / num_labels)")
+        exits = nn.ModuleDict()
+        for i, layer in enumerate(self.exit_layers):
+            shape, layout = probe["student"][layer]
+            exits[f"exit{i + 1}"] = ExitHead(ExitSpec(layer, shape, layout, out_shape, self._deepest_layout,
+                                                      n_classes, self._prefix))
+        return exits
+
+    def forward_modules(self, modules, features):
+        logits, feats = [], []
+        for i, layer in enumerate(self.exit_layers):
+            z, f = modules[f"exit{i + 1}"](features[layer])
+            logits.append(z)
+            feats.append(f)
+        deepest = deepest_target(features[self.deepest_layer], self._deepest_layout, self._prefix)
+        return {"exit_logits": logits, "exit_features": feats, "deepest_feature": deepest}
+
+    def loss(self, out: StepOutputs):
+        a, T, lam = self.args.byot_alpha, self.args.temperature, self.args.byot_feature_weight
+        z_k = out.student_logits
+        if out.teacher_logits is not None:  # the deepest classifier also learns from a teacher
+            deep, deep_terms = kd_loss(z_k, out.teacher_logits, out.labels, self.args.temperature, self.args.alpha,
+                                       self.args.distill_loss)
+            terms = {f"{k}_deepest": v for k, v in deep_terms.items()}
+        else:
+            deep = F.cross_entropy(z_k.float(), out.labels)
+            terms = {"loss_ce_deepest": deep.detach()}
+        total = deep
+        target_logits = z_k.detach()
+        target_feature = out.extra_outputs["deepest_feature"].detach()
+        for i, (z_i, f_i) in enumerate(zip(out.extra_outputs["exit_logits"], out.extra_outputs["exit_features"])):
+            ce = F.cross_entropy(z_i.float(), out.labels)
+            kl = soft_kl(z_i, target_logits, T)
+            feat = (f_i.float() - target_feature.float()).pow(2).flatten(1).sum(1).mean()
+            total = total + (1 - a) * ce + a * kl + lam * feat
+            terms.update({f"loss_ce_exit{i + 1}": ce.detach(), f"loss_kd_exit{i + 1}": kl.detach(),
+                          f"loss_feature_exit{i + 1}": feat.detach()})
+        return total, terms
+
+    def eval_logits(self, out: dict) -> dict[str, torch.Tensor]:
+        """Every exit's logits and the ensemble (mean probability), for per-exit accuracy."""
+        exits = out["extra"]["exit_logits"]
+        named = {f"exit{i + 1}": z.float() for i, z in enumerate(exits)}
+        probs = torch.stack([z.float().softmax(-1) for z in [*exits, out["logits"]]]).mean(0)
+        named["ensemble"] = probs.log()
+        return named
+
+    def save(self, student, extras, output_dir) -> None:
+        if self.args.byot_export_exits:
+            exits = nn.ModuleList(extras[f"exit{i + 1}"] for i in range(len(self.exit_layers)))
+            MultiExitModel(student, exits, [*self.exit_layers, self.deepest_layer]).save_pretrained(output_dir)
+
+    def hyperparameters(self):
+        a = self.args
+        return {"exits": self.exit_layers, "deepest_feature": self.deepest_layer, "byot_alpha": a.byot_alpha,
+                "byot_feature_weight": a.byot_feature_weight, "temperature": a.temperature,
+                "byot_export_exits": a.byot_export_exits}
