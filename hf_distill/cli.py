@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -127,7 +128,20 @@ def run_training(model_args, data_args, training_args, print_fn=print):
     metrics = trainer.evaluate()
     trainer.save_model()
     print_fn(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=2))
-    print_fn(f"student saved to {training_args.output_dir}")
+    print_fn(f"model saved to {training_args.output_dir}")
+    if training_args.distill_method == "sftn" and training_args.sftn_distill_method:
+        # phase 2: distill the student SFTN made its teacher friendly to, from that teacher
+        student_args = dataclasses.replace(
+            training_args, distill_method=training_args.sftn_distill_method, temperature=None,
+            output_dir=os.path.join(training_args.output_dir, "student"),
+            teacher_model_name_or_path=[training_args.output_dir],  # the saved SFTN teacher, reloaded
+            resume_from_checkpoint=None,
+        )
+        student_model_args = dataclasses.replace(
+            model_args, student_model_name_or_path=training_args.sftn_student_model, student_pretrained=False)
+        print_fn(f"SFTN phase 2: distilling {training_args.sftn_student_model} with "
+                 f"{training_args.sftn_distill_method}")
+        return run_training(student_model_args, data_args, student_args, print_fn)
     return metrics
 
 

@@ -197,18 +197,23 @@ def input_spec(model: nn.Module) -> InputSpec:
         import timm.data
 
         cfg = timm.data.resolve_model_data_config(model)
-        in_chans = int(cfg["input_size"][0])
-        size = _pair(cfg["input_size"])
-        # timm keeps the default size in pretrained_cfg when a ViT is built with another img_size
-        patch_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if patch_size:
-            size = _pair(patch_size)
+        in_chans, size = int(cfg["input_size"][0]), _pair(cfg["input_size"])
+        fixed = bool(model.pretrained_cfg.get("fixed_input_size", False))
+        try:  # the built model's real input (in_chans / img_size given at creation are not in pretrained_cfg)
+            from timm.models._input import get_model_input_config
+
+            actual = get_model_input_config(model)
+            in_chans, fixed = int(actual["input_size"][0]), bool(actual["fixed_input_size"])
+            if fixed:
+                size = _pair(actual["input_size"])
+        except (ImportError, KeyError, TypeError, ValueError):
+            pass
         return InputSpec(
             mean=cfg["mean"],
             std=cfg["std"],
             image_size=size,
             in_chans=in_chans,
-            fixed_size=bool(model.pretrained_cfg.get("fixed_input_size", False)),
+            fixed_size=fixed,
             interpolation=cfg.get("interpolation", "bilinear") or "bilinear",
         )
     return InputSpec()

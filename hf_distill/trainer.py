@@ -427,7 +427,7 @@ class DistillationTrainer(Trainer):
             repo_id=args.hub_model_id if args.push_to_hub else self.card_info.get("repo_id"),
             image_size=tuple(spec.image_size),
             in_chans=spec.in_chans,
-            notes=dict(self.card_info.get("notes", {})),
+            notes={**self.method.card_notes(), **self.card_info.get("notes", {})},
         )
         for key, value in overrides.items():
             setattr(ctx, key, value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import DistillationMethod, Progress, StepOutputs
 from .byot import BeYourOwnTeacher
 from .fitnets import FitNets
+from .sftn import SFTN
 from .kd import KnowledgeDistillation, NoisyTeacher, Supervised
 
 METHODS: dict[str, type[DistillationMethod]] = {
@@ -14,6 +15,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
         FitNets,
         BeYourOwnTeacher,
         NoisyTeacher,
+        SFTN,
         Supervised,
     )
 }

@@ -112,6 +112,10 @@ class DistillationMethod:
     def save(self, student: nn.Module, extras: nn.ModuleDict, output_dir: str) -> None:
         """Write method-specific files next to the saved student (only when asked to export them)."""
 
+    def card_notes(self) -> dict[str, str]:
+        """Facts for the model card's notes (e.g. which student an SFTN teacher was made for)."""
+        return {}
+
     def hyperparameters(self) -> dict[str, Any]:
         """The arguments that define this run of the method, for model cards."""
         return {}

@@ -1,0 +1,227 @@
+"""SFTN: student-friendly teacher networks (Park & Cha, 2021). METHODS.md section 3.
+
+Here the model being trained is the *teacher*. After each of its stages ``i < K`` a *student
+branch* is attached: a transform layer ``T_i`` (shapes adapted automatically) then a fresh
+copy of the student's stages ``i+1..K`` and head, giving logits ``z_R^i``::
+
+    L = lam_T CE(z_t, y) + lam_KL sum_i T^2 KL(softmax_T(z_t) || softmax_T(z_R^i)) + lam_CE sum_i CE(z_R^i, y)
+
+Teacher and branches train together; the branches are never saved with the teacher, which is
+then an ordinary teacher for any method (``teacher_model_name_or_path``). Teacher and
+student are split into the same number of stages (the smaller of the two counts; the model
+with more stages is regrouped evenly).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import soft_kl
+from ..taps import NCHW, NHWC, TOKENS, num_prefix_tokens, to_nchw
+from .base import DistillationMethod, StepOutputs
+
+
+@dataclass
+class SFTNArguments:
+    sftn_student_model: Optional[str] = field(
+        default=None,
+        metadata={"help": "SFTN: the student architecture the teacher is made friendly to (timm name, "
+                  "transformers config/repo, or local path); built with random init."},
+    )
+    sftn_lambda_teacher: float = field(default=1.0, metadata={"help": "SFTN: weight of the teacher's CE (1)."})
+    sftn_lambda_kl: float = field(default=1.0, metadata={"help": "SFTN: weight of the branch KL terms (1)."})
+    sftn_lambda_ce: float = field(default=1.0, metadata={"help": "SFTN: weight of the branch CE terms (1)."})
+    sftn_distill_method: Optional[str] = field(
+        default=None,
+        metadata={"help": "CLI: after the SFTN teacher phase, distill `sftn_student_model` from it with this "
+                  "method (e.g. kd, fitnets) into OUTPUT_DIR/student."},
+    )
+
+
+def _channels(shape, layout) -> int:
+    return shape[-1] if layout in (NHWC, TOKENS) else shape[1]
+
+
+def _grid(shape, layout, prefix) -> tuple[int, int]:
+    if layout == NCHW:
+        return shape[-2], shape[-1]
+    if layout == NHWC:
+        return shape[1], shape[2]
+    n = shape[1] - prefix
+    side = int(round(n ** 0.5))
+    return side, n // max(side, 1)
+
+
+class TransformLayer(nn.Module):
+    """Maps a teacher stage output to the input the student's next stage expects."""
+
+    def __init__(self, t_shape, t_layout, t_prefix, s_shape, s_layout, s_prefix):
+        super().__init__()
+        self.t_layout, self.t_prefix, self.s_layout, self.s_prefix = t_layout, t_prefix, s_layout, s_prefix
+        self.size = _grid(s_shape, s_layout, s_prefix)
+        c_t, c_s = _channels(t_shape, t_layout), _channels(s_shape, s_layout)
+        if s_layout == TOKENS:
+            self.proj = nn.Conv2d(c_t, c_s, 1)
+            self.norm = nn.LayerNorm(c_s)
+            # the student's class/distillation tokens have no counterpart in a teacher map
+            self.prefix = nn.Parameter(torch.zeros(1, s_prefix, c_s)) if s_prefix else None
+        else:
+            self.proj = nn.Sequential(nn.Conv2d(c_t, c_s, 1, bias=False), nn.BatchNorm2d(c_s), nn.ReLU(inplace=True))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        y = self.proj(to_nchw(h, self.t_layout, self.t_prefix))
+        if tuple(y.shape[-2:]) != tuple(self.size):
+            if y.shape[-2] >= self.size[0] and y.shape[-1] >= self.size[1]:
+                y = F.adaptive_avg_pool2d(y, self.size)
+            else:
+                y = F.interpolate(y, size=self.size, mode="bilinear", align_corners=False)
+        if self.s_layout == NHWC:
+            return y.permute(0, 2, 3, 1)
+        if self.s_layout == TOKENS:
+            tokens = self.norm(y.flatten(2).transpose(1, 2))
+            if self.prefix is not None:
+                tokens = torch.cat([self.prefix.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+            return tokens
+        return y
+
+
+class StudentBranch(nn.Module):
+    """Transform layer + a fresh copy of the student's stages ``start..K-1`` and head."""
+
+    def __init__(self, transform: TransformLayer, student_stages, start: int):
+        super().__init__()
+        self.transform = transform
+        self.student = student_stages  # a StagedModel over this branch's own student copy
+        self.start = start
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        from ..models import logits_of
+
+        return logits_of(self.student.forward_from(self.start, self.transform(h)))
+
+
+class SFTN(DistillationMethod):
+    name = "sftn"
+    arguments = SFTNArguments
+    needs_teacher = False
+    uses_teacher = False
+    default_temperature = 1.0
+    paper = ("Learning Student-Friendly Teacher Networks for Knowledge Distillation (Park et al., NeurIPS 2021)",
+             "https://arxiv.org/abs/2102.07650")
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.stage_names: list[str] = []
+        self.student_arch: nn.Module | None = None
+        self.k = 0
+
+    @classmethod
+    def validate(cls, args) -> None:
+        if args.distill_method != cls.name:
+            return
+        if not args.sftn_student_model:
+            raise ValueError("distill_method='sftn' trains a teacher for a student: set sftn_student_model")
+        if min(args.sftn_lambda_teacher, args.sftn_lambda_kl, args.sftn_lambda_ce) < 0:
+            raise ValueError("SFTN loss weights must be >= 0")
+        if args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = True  # branch copies hold stages they never run
+
+    def setup(self, teacher, teachers):
+        from ..models import input_spec, load_model, num_classes_of, set_input_spec
+        from ..stages import UnsupportedModelError, stage_names
+
+        self.student_arch = load_model(self.args.sftn_student_model, num_labels=num_classes_of(teacher),
+                                       pretrained=False)
+        # branches see teacher features, not images: shape the student's stages as they would be at
+        # the teacher's input size (a fixed-size student, e.g. a ViT, keeps its own token grid)
+        spec, s_spec = input_spec(teacher), input_spec(self.student_arch)
+        if not s_spec.fixed_size:
+            from dataclasses import replace
+
+            set_input_spec(self.student_arch, replace(s_spec, image_size=spec.image_size))
+        try:
+            k = min(len(stage_names(teacher)), len(stage_names(self.student_arch)))
+            self.stage_names = stage_names(teacher, num_groups=k)
+            self.student_stage_names = stage_names(self.student_arch, num_groups=k)
+        except UnsupportedModelError as err:
+            raise ValueError(f"sftn: both teacher and student must split into stages.\n{err}") from None
+        self.k = k
+        if k < 2:
+            raise ValueError("sftn needs models with at least 2 stages")
+
+    def student_layers(self):
+        return self.stage_names[:-1]  # branch points on the model being trained (the teacher)
+
+    def build_modules(self, teacher, teachers, probe):
+        from ..models import input_spec
+        from ..stages import split_model
+        from ..taps import probe_features
+
+        spec = input_spec(self.student_arch)
+        example = torch.zeros(2, spec.in_chans, *spec.image_size)
+        s_probe = probe_features(self.student_arch, self.student_stage_names[:-1], example)
+        t_prefix, s_prefix = num_prefix_tokens(teacher), num_prefix_tokens(self.student_arch)
+        branches = nn.ModuleDict()
+        for i, layer in enumerate(self.stage_names[:-1]):
+            t_shape, t_layout = probe["student"][layer]
+            s_shape, s_layout = s_probe[self.student_stage_names[i]]
+            transform = TransformLayer(t_shape, t_layout, t_prefix, s_shape, s_layout, s_prefix)
+            copy_ = copy.deepcopy(self.student_arch)
+            staged = split_model(copy_, stage_names=self.student_stage_names)
+            branch = StudentBranch(transform, staged, i + 1)
+            _freeze_unused(branch, probe["student"][layer][0])
+            branches[f"branch{i + 1}"] = branch
+        return branches
+
+    def forward_modules(self, modules, features):
+        return {"branch_logits": [modules[f"branch{i + 1}"](features[layer])
+                                  for i, layer in enumerate(self.stage_names[:-1])]}
+
+    def loss(self, out: StepOutputs):
+        a = self.args
+        z_t, y = out.student_logits, out.labels  # the trained model is the teacher here
+        ce_t = F.cross_entropy(z_t.float(), y)
+        total = a.sftn_lambda_teacher * ce_t
+        terms = {"loss_ce_teacher": ce_t.detach()}
+        for i, z_r in enumerate(out.extra_outputs["branch_logits"]):
+            kl = soft_kl(z_r, z_t, a.temperature)  # gradients reach both the branch and the teacher
+            ce = F.cross_entropy(z_r.float(), y)
+            total = total + a.sftn_lambda_kl * kl + a.sftn_lambda_ce * ce
+            terms.update({f"loss_kl_branch{i + 1}": kl.detach(), f"loss_ce_branch{i + 1}": ce.detach()})
+        return total, terms
+
+    def eval_logits(self, out):
+        return {f"branch{i + 1}": z.float() for i, z in enumerate(out["extra"]["branch_logits"])}
+
+    def card_notes(self) -> dict[str, str]:
+        return {"SFTN teacher": f"trained with student branches for `{self.args.sftn_student_model}`; "
+                "distill a student from it with any method (teacher_model_name_or_path)"}
+
+    def hyperparameters(self):
+        a = self.args
+        return {"sftn_student_model": a.sftn_student_model, "stages": self.stage_names,
+                "sftn_lambda_teacher": a.sftn_lambda_teacher, "sftn_lambda_kl": a.sftn_lambda_kl,
+                "sftn_lambda_ce": a.sftn_lambda_ce, "temperature": a.temperature}
+
+
+def _freeze_unused(branch: StudentBranch, t_shape) -> None:
+    """Freeze the student-copy parameters the branch never runs (its copy's earlier stages)."""
+    x = torch.zeros(t_shape)
+    was = branch.training
+    branch.eval()
+    try:
+        with torch.enable_grad():
+            out = branch(x).float().sum()
+            params = [(n, p) for n, p in branch.named_parameters()]
+            grads = torch.autograd.grad(out, [p for _, p in params], allow_unused=True)
+    finally:
+        branch.train(was)
+    for (name, p), g in zip(params, grads):
+        if g is None:
+            p.requires_grad_(False)
