@@ -45,8 +45,8 @@ def _fresh_student(seed: int):
     return demo_models(seed)[1]
 
 
-def run_demo(output_dir: str = "hf_distill_demo", teacher_epochs: int = 10, student_epochs: int = 10,
-             student_fraction: float = 0.25, seed: int = 0, print_fn=print) -> dict:
+def run_demo(output_dir: str = "hf_distill_demo", teacher_epochs: int = 10, student_epochs: int = 60,
+             student_fraction: float = 0.1, seed: int = 0, print_fn=print) -> dict:
     """Run the demo; returns the accuracies and parameter counts it prints."""
     import logging
 
@@ -73,7 +73,7 @@ def run_demo(output_dir: str = "hf_distill_demo", teacher_epochs: int = 10, stud
         return DistillationTrainingArguments(
             output_dir=os.path.join(output_dir, name), distill_method=method, num_train_epochs=epochs,
             per_device_train_batch_size=32, per_device_eval_batch_size=128, learning_rate=2e-3,
-            weight_decay=0.01, lr_scheduler_type="cosine", warmup_steps=10, logging_steps=20,
+            weight_decay=0.01, lr_scheduler_type="cosine", warmup_steps=10, logging_strategy="no",
             eval_strategy="no", save_strategy="no", report_to=[], seed=seed, data_seed=seed,
             disable_tqdm=True, dataloader_num_workers=0, use_cpu=True, **kw,
         )
@@ -127,9 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="hf_distill_demo", help="where models and cards go")
     parser.add_argument("--teacher_epochs", type=int, default=10)
-    parser.add_argument("--student_epochs", type=int, default=10)
-    parser.add_argument("--student_fraction", type=float, default=0.25,
-                        help="fraction of the training images the students see (default 0.25)")
+    parser.add_argument("--student_epochs", type=int, default=60)
+    parser.add_argument("--student_fraction", type=float, default=0.1,
+                        help="fraction of the training images the students see (default 0.1)")
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args(argv)
     run_demo(a.output_dir, a.teacher_epochs, a.student_epochs, a.student_fraction, a.seed)

@@ -312,8 +312,16 @@ class DistillationTrainer(Trainer):
             return loss, (logits.detach(), *(v.detach() for v in extra.values())), labels
         return loss, logits.detach(), labels
 
+    def _sync_buffers(self) -> None:
+        """Give every process rank 0's buffers (BatchNorm statistics): each process updated its own
+        with its own batches since DDP's last broadcast, and rank 0's are the ones saved."""
+        if self.accelerator.num_processes > 1 and torch.distributed.is_initialized():
+            for buffer in self.accelerator.unwrap_model(self.model).buffers():
+                torch.distributed.broadcast(buffer.data, src=0)
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
+        self._sync_buffers()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
         if len(self.teachers) and self.args.eval_teacher:

@@ -81,6 +81,7 @@ class HintRegressor(nn.Module):
     def __init__(self, s_shape, s_layout, t_shape, t_layout, s_prefix=0, t_prefix=0):
         super().__init__()
         self.s_layout, self.t_layout, self.s_prefix, self.t_prefix = s_layout, t_layout, s_prefix, t_prefix
+        self.target_size: tuple[int, int] | None = None  # spatial size of the hint, for "map" mode
         if VECTOR in (s_layout, t_layout):
             if s_layout != t_layout:
                 raise ValueError(f"cannot regress a {s_layout} feature {s_shape} onto a {t_layout} hint {t_shape}")
@@ -95,6 +96,7 @@ class HintRegressor(nn.Module):
             self.proj = nn.Linear(s_shape[-1], t_shape[-1])
             return
         self.mode = "map"
+        self.target_size = tuple(self.target(torch.zeros(t_shape)).shape[-2:])
         s_ch = s_shape[-1] if s_layout in (NHWC, TOKENS) else s_shape[1]
         t_ch = t_shape[-1] if t_layout in (NHWC, TOKENS) else t_shape[1]
         # 1x1 conv + BN: the paper's convolutional regressor in its common modern form
@@ -107,11 +109,12 @@ class HintRegressor(nn.Module):
             return to_nchw(t, self.t_layout, self.t_prefix)
         return t
 
-    def forward(self, s: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
         if self.mode == "tokens":
             return self.proj(s[:, self.s_prefix:])
         if self.mode == "vector":
             return self.proj(s)
+        size = self.target_size
         y = self.proj(to_nchw(s, self.s_layout, self.s_prefix))
         if size is not None and tuple(y.shape[-2:]) != tuple(size):
             if y.shape[-2] >= size[0] and y.shape[-1] >= size[1]:
@@ -204,16 +207,14 @@ class FitNets(DistillationMethod):
         return progress.epoch < self.args.hint_epochs
 
     def forward_modules(self, modules, student_features):
-        return {"regressors": modules}
+        # regressors run inside the wrapped forward, so data parallel syncs their gradients
+        return {"regressed": [modules[str(i)](student_features[s]) for i, (s, _) in enumerate(self.pairs)],
+                "targets": [modules[str(i)].target for i in range(len(self.pairs))]}
 
     def _hint(self, out: StepOutputs) -> torch.Tensor:
-        regs = out.extra_outputs["regressors"]
         total = out.student_logits.new_zeros((), dtype=torch.float32)
-        for i, (s, t) in enumerate(self.pairs):
-            reg = regs[str(i)]
-            target = reg.target(out.teacher_features[t])
-            pred = reg(out.student_features[s], tuple(target.shape[-2:]) if reg.mode == "map" else None)
-            total = total + hint_loss(pred, target)
+        for (_, t), pred, target in zip(self.pairs, out.extra_outputs["regressed"], out.extra_outputs["targets"]):
+            total = total + hint_loss(pred, target(out.teacher_features[t]))
         return total
 
     def soft_weight(self, progress: Progress) -> float:

@@ -1,0 +1,69 @@
+"""Run a few distillation steps for KD, FitNets and BYOT; rank 0 saves the final weights.
+
+Launched by tests/test_distributed.py, either alone (one process) or under
+``torchrun --nproc_per_node 2`` (two gloo processes on CPU). Usage:
+``ddp_worker.py OUT.pt PER_DEVICE_BATCH GRAD_ACCUM``.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+from conftest import tiny_spec, tiny_timm  # noqa: E402
+
+from hf_distill import DistillationTrainer, DistillationTrainingArguments  # noqa: E402
+from hf_distill.data import digits_dataset, with_image_transform  # noqa: E402
+
+METHODS = {
+    "kd": {},
+    "fitnets": {"hint_layers": ["layer1:layer2"], "hint_epochs": 0.0, "hint_weight": 1.0},
+    "byot": {},
+}
+
+
+def main(out_path: str, batch: int, accum: int) -> None:
+    torch.set_num_threads(1)
+    spec = tiny_spec(size=32)
+    ds = digits_dataset()
+    train = with_image_transform(ds["train"].select(range(96)), spec)
+    evaluation = with_image_transform(ds["test"].select(range(37)), spec)  # odd size: no padding duplicates
+    results = {}
+    for method, extra in METHODS.items():
+        args = DistillationTrainingArguments(
+            output_dir=os.path.join(os.path.dirname(out_path), f"run_{method}"), distill_method=method,
+            per_device_train_batch_size=batch, gradient_accumulation_steps=accum, per_device_eval_batch_size=8,
+            max_steps=3, learning_rate=1e-2, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+            use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0, logging_steps=1,
+            **extra,
+        )
+        teacher = None if method == "byot" else tiny_timm("resnet18", seed=2, spec=spec)
+        trainer = DistillationTrainer(model=tiny_timm(seed=1, spec=spec), teacher_model=teacher, args=args,
+                                      train_dataset=train, eval_dataset=evaluation)
+        trainer.train()
+        metrics = trainer.evaluate()
+        trainer.save_model()
+        wrapped = trainer.accelerator.unwrap_model(trainer.model)
+        # the same weights evaluated in this one process over the whole eval set, as a reference
+        from hf_distill.data import collate_images
+
+        full = collate_images([evaluation[i] for i in range(len(evaluation))])
+        with torch.no_grad():
+            preds = wrapped.eval()(pixel_values=full["pixel_values"])["logits"].argmax(-1)
+        local_accuracy = (preds == full["labels"]).float().mean().item()
+        results[method] = {
+            "params": {k: v.detach().clone() for k, v in wrapped.named_parameters()},
+            "metrics": {k: v for k, v in metrics.items() if k.endswith("accuracy")},
+            "local_accuracy": local_accuracy,
+            "eval_samples": len(evaluation),
+            "world": trainer.accelerator.num_processes,
+            "wrapped": type(trainer.model_wrapped).__name__,
+            "teacher_wrapped": [type(t).__name__ for t in trainer.teachers.models],
+        }
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(results, out_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -1,0 +1,82 @@
+"""Two gloo processes on CPU (torchrun) reach the same weights as one process with the same global batch.
+
+BatchNorm normalises with each process's own batch (no SyncBatchNorm on CPU), so the
+single-process reference accumulates gradients over two micro-batches of the same size:
+the same samples, the same per-batch statistics, the same averaged gradient. BatchNorm
+running statistics follow rank 0 under DDP (buffers are broadcast from it), so they are not
+compared; evaluation is checked against the same weights evaluated in one process.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(__file__)
+WORKER = os.path.join(HERE, "ddp_worker.py")
+TOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("RANK", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.fail("torchrun not found next to the Python interpreter")
+    tmp = tmp_path_factory.mktemp("ddp")
+    two, one = tmp / "two" / "w.pt", tmp / "one" / "w.pt"
+    two.parent.mkdir()
+    one.parent.mkdir()
+    cmd2 = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            WORKER, str(two), "8", "1"]
+    p2 = subprocess.Popen(cmd2, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p1 = subprocess.run([sys.executable, WORKER, str(one), "8", "2"], env=_env(), capture_output=True, text=True,
+                        timeout=600)
+    out2, _ = p2.communicate(timeout=600)
+    assert p1.returncode == 0, p1.stdout[-3000:] + p1.stderr[-3000:]
+    assert p2.returncode == 0, out2[-5000:]
+    return torch.load(two, weights_only=False), torch.load(one, weights_only=False), tmp
+
+
+@pytest.mark.parametrize("method", ["kd", "fitnets", "byot"])
+def test_two_processes_match_one_process(runs, method):
+    two, one, _ = runs
+    assert two[method]["world"] == 2 and one[method]["world"] == 1
+    assert two[method]["wrapped"] == "DistributedDataParallel"
+    assert two[method]["teacher_wrapped"] in ([], ["ResNet"])  # the teacher is never wrapped
+    a, b = two[method]["params"], one[method]["params"]
+    assert a.keys() == b.keys()
+    extras = [k for k in a if k.startswith("extras.")]
+    assert (method == "kd") == (not extras)  # regressors / exits are part of what DDP syncs
+    moved = 0
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=TOL, rtol=0), f"{method}: {k} differs by {(a[k] - b[k]).abs().max()}"
+        moved += 1
+    assert moved
+    # evaluation gathers over processes without duplicating or dropping samples (37 images, 2 processes):
+    # the distributed accuracy equals the same weights evaluated in one process
+    assert two[method]["metrics"]["eval_accuracy"] == pytest.approx(two[method]["local_accuracy"])
+    if method != "byot":
+        assert two[method]["metrics"]["eval_teacher_accuracy"] == pytest.approx(
+            one[method]["metrics"]["eval_teacher_accuracy"])
+
+
+def test_outputs_written_once_by_the_main_process(runs):
+    _, _, tmp = runs
+    out = tmp / "two" / "run_kd"
+    assert {"model.safetensors", "config.json", "README.md"} <= set(os.listdir(out))
