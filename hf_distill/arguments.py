@@ -72,6 +72,11 @@ class DistillationTrainingArguments(*_METHOD_ARGUMENTS, TrainingArguments):
         default="mean",
         metadata={"help": "With several teachers: `mean` averages their logits, `random` draws one per batch."},
     )
+    teacher_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Teacher-output cache (`hf-distill cache-teacher`): training reads soft labels from it "
+                  "instead of running the teacher; no teacher needs to be loaded."},
+    )
     teacher_dtype: str = field(
         default="auto",
         metadata={

@@ -113,8 +113,14 @@ def label_names(dataset, label_column: str = "label") -> list[str] | None:
 
 
 def collate_images(examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack ``pixel_values`` and ``labels`` (accepts ``label`` too) into a batch."""
+    """Stack ``pixel_values`` and ``labels`` (accepts ``label`` too) into a batch.
+
+    ``teacher_logits`` (cached soft labels, see :mod:`hf_distill.teacher_cache`) are stacked too.
+    """
     pixel_values = torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])
     key = "labels" if "labels" in examples[0] else "label"
     labels = torch.tensor([int(e[key]) for e in examples], dtype=torch.long)
-    return {"pixel_values": pixel_values, "labels": labels}
+    batch = {"pixel_values": pixel_values, "labels": labels}
+    if "teacher_logits" in examples[0]:
+        batch["teacher_logits"] = torch.stack([torch.as_tensor(e["teacher_logits"]) for e in examples]).float()
+    return batch

@@ -133,7 +133,7 @@ class DistillationTrainer(Trainer):
 
         self.method = get_method(args.distill_method)(args)
         teachers = self._resolve_teachers(teacher_model, args, student)
-        if self.method.needs_teacher and not teachers:
+        if self.method.needs_teacher and not teachers and not args.teacher_cache_dir:
             raise ValueError(
                 f"distill_method='{args.distill_method}' needs a teacher: pass teacher_model= or set "
                 "teacher_model_name_or_path"
@@ -241,8 +241,13 @@ class DistillationTrainer(Trainer):
             outs = self.teachers(pixel_values, which)
         features = self.teachers.pop_features()
         if training:
-            outs = [perturb_logits(z, self.args.teacher_noise_std, self.args.teacher_noise_prob) for z in outs]
+            return self._perturb(outs), features
         return (outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)), features
+
+    def _perturb(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        """Noisy-teacher perturbation of each teacher's logits (training only), then their mean."""
+        outs = [perturb_logits(z, self.args.teacher_noise_std, self.args.teacher_noise_prob) for z in outs]
+        return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixel_values, labels = inputs["pixel_values"], inputs.get("labels")
@@ -250,9 +255,15 @@ class DistillationTrainer(Trainer):
         if model.training:
             self.method.prepare_student(self.student, progress)
         out = model(pixel_values=pixel_values)
-        teacher_logits, teacher_features = (
-            self.teacher_outputs(pixel_values, training=model.training) if self.method.uses_teacher else (None, {})
-        )
+        cached = inputs.get("teacher_logits")
+        if cached is not None and model.training and self.method.uses_teacher and not self.method.teacher_layers():
+            # soft labels read from a teacher-output cache: the teacher does not run at all
+            teacher_logits, teacher_features = self._perturb([cached.float()]), {}
+        else:
+            teacher_logits, teacher_features = (
+                self.teacher_outputs(pixel_values, training=model.training) if self.method.uses_teacher
+                else (None, {})
+            )
         if teacher_logits is not None and teacher_logits.shape[-1] != out["logits"].shape[-1]:
             raise ValueError(
                 f"class-count mismatch: the student outputs {out['logits'].shape[-1]} logits but the teacher "
