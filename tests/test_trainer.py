@@ -214,3 +214,15 @@ def test_supervised_method_needs_no_teacher_and_loads_none(digits_small, make_ar
     trainer.train()
     assert len(trainer.teachers) == 0
     assert "eval_teacher_accuracy" not in trainer.evaluate(train)
+
+
+def test_mixed_precision_reaches_the_teacher_forward(digits_small, make_args):
+    train, _ = digits_small
+    teacher = PlainClassifier(seed=2)
+    seen = []
+    teacher.net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    trainer = DistillationTrainer(model=PlainClassifier(seed=1), teacher_model=teacher,
+                                  args=make_args(bf16=True, max_steps=1), train_dataset=train)
+    trainer.train()
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    assert next(teacher.parameters()).dtype == torch.float32  # CPU: weights stay fp32 under autocast
