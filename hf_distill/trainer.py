@@ -132,7 +132,7 @@ class DistillationTrainer(Trainer):
         student = load_model(model) if isinstance(model, str) else model
 
         self.method = get_method(args.distill_method)(args)
-        teachers = self._resolve_teachers(teacher_model, args, student)
+        teachers = self._resolve_teachers(teacher_model, args)
         if self.method.needs_teacher and not teachers and not args.teacher_cache_dir:
             raise ValueError(
                 f"distill_method='{args.distill_method}' needs a teacher: pass teacher_model= or set "
@@ -171,13 +171,10 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
-    def _resolve_teachers(teacher_model, args, student) -> list[nn.Module]:
+    def _resolve_teachers(teacher_model, args) -> list[nn.Module]:
         if teacher_model is not None:
             return list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
-        return [
-            load_model(name, num_labels=None, revision=args.teacher_revision)
-            for name in args.teacher_names
-        ] if args.teacher_names else []
+        return [load_model(name, revision=args.teacher_revision) for name in args.teacher_names]
 
     def _probe(self, student: nn.Module) -> dict:
         """Shapes and layouts of the tapped layers, from one dry forward of each model."""

@@ -52,8 +52,7 @@ def test_hint_loss_in_trainer_matches_hand_computation(digits_small, make_args):
 def test_regressor_shapes_for_each_layout(s_shape, s_layout, t_shape, t_layout, prefix, want):
     reg = HintRegressor(s_shape, s_layout, t_shape, t_layout, *prefix)
     target = reg.target(torch.randn(t_shape))
-    size = tuple(target.shape[-2:]) if reg.mode == "map" else None
-    assert tuple(reg(torch.randn(s_shape), size).shape) == want == tuple(target.shape)
+    assert tuple(reg(torch.randn(s_shape)).shape) == want == tuple(target.shape)
 
 
 def test_incompatible_layouts_are_a_clear_error():
@@ -132,3 +131,32 @@ def test_anneal_schedules():
     assert anneal("linear", 4, 1, 0.5) == pytest.approx(2.5)
     assert anneal("cosine", 4, 1, 0.0) == pytest.approx(4) and anneal("cosine", 4, 1, 1.0) == pytest.approx(1)
     assert anneal("constant", 4, 1, 0.7) == 4
+
+
+def test_cnn_student_from_vit_teacher_tokens_mapped_to_grid(digits, make_args):
+    import timm
+
+    from hf_distill.data import with_image_transform
+    from hf_distill.models import set_input_spec
+    from conftest import tiny_spec
+
+    spec = tiny_spec(size=32)
+    train = with_image_transform(digits["train"].select(range(32)), spec)
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                            num_classes=10, in_chans=1)
+    set_input_spec(vit, spec)
+    trainer = DistillationTrainer(model=tiny_timm(seed=1, spec=spec), teacher_model=vit, train_dataset=train,
+                                  args=make_args(distill_method="fitnets", hint_layers=["layer1:blocks.1"],
+                                                 hint_epochs=100.0, max_steps=2))
+    reg = trainer.extra_modules["0"]
+    assert reg.mode == "map" and reg.t_prefix == 1 and reg.target_size == (4, 4)  # 16 patches + cls
+    trainer.train()
+    assert all("loss_hint" in h for h in trainer.state.log_history if "loss" in h)
+
+
+def test_auto_pairs_the_middle_stages(digits_small, make_args):
+    train, _ = digits_small
+    trainer = DistillationTrainer(model=tiny_timm(seed=1), teacher_model=tiny_timm("resnet18", seed=2),
+                                  args=make_args(distill_method="fitnets", hint_layers=["auto"]), train_dataset=train)
+    assert trainer.method.pairs == [("layer3", "layer3")]

@@ -1,0 +1,784 @@
+"""Teacher-output cache: soft labels computed once, read back at every epoch (FKD-style).
+
+Shen & Xing, "A Fast Knowledge Distillation Framework for Visual Recognition" (ECCV 2022):
+the teacher runs once over the training images - once per epoch when the views are random -
+and each view's soft labels are stored together with the parameters of the view, so that
+training replays exactly the view the teacher saw and never runs the teacher.
+
+    cache = build_teacher_cache(teacher, train_raw, input_spec(student), "cache/", epochs=3,
+                                augmentation="timm", top_k=None)
+    train = with_teacher_cache(train_raw, cache, input_spec(student))
+    args = DistillationTrainingArguments(..., teacher_cache_dir="cache/")
+    trainer = DistillationTrainer(model=student, teacher_model=None, args=args, train_dataset=train,
+                                  callbacks=[TeacherCacheCallback(train)])
+
+On disk (``cache_dir``)::
+
+    cache_info.json        manifest: status ("partial" | "complete"), what the cache was built from
+                           ("config": teachers and their weight fingerprints, teacher id/revision,
+                           student input spec, transform, dataset fingerprint/length, epochs, top_k, ...),
+                           num_classes, num_entries and the list of complete shards
+    shard-00000.arrow      ``datasets`` Arrow files (``Dataset.from_file``), ``shard_size`` entries each
+    shard-00001.arrow      ...
+
+Entry ``g`` (global row number over the shards, in order) holds view ``index = g % N`` of epoch
+``g // N`` (``N = len(dataset)``). Columns: ``index`` (int64), ``epoch`` (int32), ``label`` (int64,
+the dataset's label, for checks), the view parameters ``crop_top, crop_left, crop_height,
+crop_width`` (int32, a box of the original image) and ``flip`` (bool), then either ``logits``
+(float32 ``[C]``) or, with ``top_k``, ``topk_values`` (float32 ``[k]``, descending), ``topk_indices``
+(int32 ``[k]``) and ``tail_logsumexp`` (float32: logsumexp of the ``C - k`` other logits).
+
+Transforms (``augmentation``):
+
+* ``"none"``: resize to the student's size + normalise (:func:`hf_distill.data.build_transform`,
+  the same pixels as ``with_image_transform(..., augmentation="none")``). Deterministic, so one
+  entry per sample whatever ``epochs`` says; the stored box is the whole image, ``flip`` False.
+* ``"timm"``: the geometry of timm's training transform: random-resized-crop (scale (0.08, 1),
+  ratio (3/4, 4/3), torchvision's sampling algorithm, the student's interpolation) then a
+  horizontal flip with probability 0.5. No colour jitter (it is not a geometric view and would
+  have to be stored too). The parameters of ``(epoch, index)`` come from
+  ``numpy.random.default_rng([seed, epoch, index])``: they do not depend on the batch size, the
+  shard size or on resuming, and are stored, so replay (``torchvision.transforms.functional``
+  crop-resize-flip of the stored box) gives exactly the view the teacher saw.
+
+Several teachers: each gets its own input adapter (:class:`hf_distill.teacher.Teachers`) and the
+cache stores the mean of their logits (``teacher_ensemble="mean"``; ``"random"`` cannot be cached).
+
+Mismatch policy: :func:`build_teacher_cache` on a folder whose manifest was built from other
+inputs **refuses** (listing the differences) unless ``overwrite=True``, which deletes the
+cache's files and rebuilds it from scratch. The same inputs resume a partial cache from its
+last complete shard, or return a complete one without running the teacher.
+:func:`load_teacher_cache` refuses a partial cache and any difference from what it is given.
+
+Epochs: :class:`TeacherCacheDataset` has ``set_epoch(epoch)`` and serves the entries of epoch
+``epoch % stored_epochs``. In one process, accelerate's ``DataLoaderShard.set_epoch`` (called by
+the Trainer before each epoch, and by ``DataLoaderShard.__iter__``) forwards the epoch to the
+dataset. With several processes the sampler is wrapped in a ``BatchSamplerShard`` and accelerate
+1.15 does *not* forward it to the dataset: add :class:`TeacherCacheCallback` (it sets the epoch at
+``on_epoch_begin`` from ``state.epoch``; harmless in one process). Dataloader workers get the epoch
+when they are started at each epoch; ``dataloader_persistent_workers=True`` would freeze it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .models import InputSpec, declares_input_spec, input_spec, model_family, model_name
+from .teacher import Teachers
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "cache_info.json"
+FORMAT_NAME = "hf_distill.teacher_cache"
+FORMAT_VERSION = 1
+AUGMENTATIONS = ("none", "timm")
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+HFLIP_PROB = 0.5
+
+__all__ = [
+    "TeacherCache",
+    "TeacherCacheCallback",
+    "TeacherCacheDataset",
+    "TeacherCacheError",
+    "ViewParams",
+    "build_teacher_cache",
+    "load_teacher_cache",
+    "rebuild_logits",
+    "teacher_fingerprint",
+    "with_teacher_cache",
+]
+
+
+class TeacherCacheError(ValueError):
+    """A teacher cache that cannot be used as asked: partial, corrupt, or built from other inputs."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Views: parameters drawn from (seed, epoch, index), replayed exactly
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """One view of an image: crop box ``(top, left, height, width)`` of the original image, then flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+def draw_view_params(seed: int, epoch: int, index: int, image_width: int, image_height: int,
+                     augmentation: str) -> ViewParams:
+    """The view of sample ``index`` at ``epoch``: a pure function of its arguments.
+
+    ``"timm"`` follows torchvision's ``RandomResizedCrop.get_params`` (10 tries, then a central
+    crop) with scale (0.08, 1) and ratio (3/4, 4/3), then a flip with probability 0.5, drawing
+    from ``numpy.random.default_rng([seed, epoch, index])``.
+    """
+    if augmentation == "none":
+        return ViewParams(0, 0, image_height, image_width, False)
+    rng = np.random.default_rng([int(seed), int(epoch), int(index)])
+    width, height = image_width, image_height
+    area = height * width
+    log_ratio = (math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]))
+    box = None
+    for _ in range(10):
+        target_area = area * rng.uniform(RRC_SCALE[0], RRC_SCALE[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            box = (int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
+            break
+    if box is None:  # central crop at the nearest allowed ratio
+        in_ratio = width / height
+        if in_ratio < min(RRC_RATIO):
+            w, h = width, int(round(width / min(RRC_RATIO)))
+        elif in_ratio > max(RRC_RATIO):
+            h, w = height, int(round(height * max(RRC_RATIO)))
+        else:
+            w, h = width, height
+        box = ((height - h) // 2, (width - w) // 2, h, w)
+    flip = bool(rng.random() < HFLIP_PROB)
+    return ViewParams(*box, flip)
+
+
+def _image_mode(spec: InputSpec) -> str:
+    return "L" if spec.in_chans == 1 else "RGB"
+
+
+def render_view(image, params: ViewParams, spec: InputSpec, augmentation: str) -> torch.Tensor:
+    """The normalised tensor of one view of a PIL image, for a student with input ``spec``."""
+    if augmentation == "none":
+        from .data import build_transform
+
+        return build_transform(spec, training=False, augmentation="none")(image)
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    interp = InterpolationMode.BICUBIC if spec.interpolation == "bicubic" else InterpolationMode.BILINEAR
+    img = image.convert(_image_mode(spec))
+    img = TF.resized_crop(img, params.top, params.left, params.height, params.width, list(spec.image_size),
+                          interpolation=interp)
+    if params.flip:
+        img = TF.hflip(img)
+    return TF.normalize(TF.to_tensor(img), list(spec.mean), list(spec.std))
+
+
+def _transform_config(augmentation: str, seed: int) -> dict:
+    if augmentation == "none":
+        return {"augmentation": "none"}
+    return {"augmentation": augmentation, "random_resized_crop": {"scale": list(RRC_SCALE), "ratio": list(RRC_RATIO)},
+            "hflip_prob": HFLIP_PROB, "seed": int(seed), "params_rng": "numpy.default_rng([seed, epoch, index])"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k storage
+# ---------------------------------------------------------------------------------------------
+
+
+def rebuild_logits(values: torch.Tensor, indices: torch.Tensor, tail_logsumexp: torch.Tensor,
+                   num_classes: int) -> torch.Tensor:
+    """Full ``[..., C]`` logits from the top-k logits and the logsumexp of the other ``C - k``.
+
+    The top-k positions get their exact logits; every other class gets the same value
+    ``f = tail_logsumexp - log(C - k)``, the log of the mean of the tail's ``exp(z)``. Hence:
+
+    * at temperature 1 the softmax is exact on the top-k classes and exact in total tail mass
+      (spread uniformly over the tail instead of its true shape);
+    * ``f <= min(top-k)``, so the top-k ordering and the argmax hold at every temperature;
+    * at ``T != 1`` only the tail mass is approximate: ``(C - k) exp(f / T)`` versus
+      ``sum exp(z_j / T)``; by the power-mean inequality it is over-estimated for ``T > 1`` and
+      under-estimated for ``T < 1``, and the top-k probabilities move by the same small relative
+      amount. A logit-regression loss (``distill_loss="mse"``) would regress the tail onto ``f``.
+    """
+    k = values.shape[-1]
+    if num_classes <= k:
+        raise ValueError(f"top_k={k} must be smaller than the number of classes ({num_classes})")
+    fill = (tail_logsumexp.double() - math.log(num_classes - k)).float()
+    full = fill.unsqueeze(-1).expand(*values.shape[:-1], num_classes).clone()
+    return full.scatter(-1, indices.long(), values.float())
+
+
+def _topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    values, indices = logits.topk(k, dim=-1)
+    tail = logits.double().scatter(-1, indices, float("-inf"))
+    return values, indices, torch.logsumexp(tail, dim=-1).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# What a cache is built from
+# ---------------------------------------------------------------------------------------------
+
+
+def teacher_fingerprint(model: nn.Module, max_values_per_tensor: int = 4096) -> str:
+    """A hash of a model's weights: every state-dict entry's name, shape and dtype, and up to
+    ``max_values_per_tensor`` evenly strided values of each (cheap for any model size, and any
+    fine-tuning moves sampled values)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        flat = t.reshape(-1)
+        step = max(1, flat.numel() // max_values_per_tensor)
+        sample = flat[::step].contiguous().cpu()
+        if sample.numel():
+            h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _teacher_entries(teachers: Sequence[nn.Module]) -> list[dict]:
+    return [{"name": model_name(t), "family": model_family(t), "weights": teacher_fingerprint(t),
+             "input_spec": input_spec(t).to_dict() if declares_input_spec(t) else None} for t in teachers]
+
+
+def _as_id_list(value) -> list[str] | None:
+    if value is None:
+        return None
+    return [str(value)] if isinstance(value, (str, os.PathLike)) else [str(v) for v in value]
+
+
+def _dataset_entry(dataset, image_column: str, label_column: str) -> dict:
+    return {"fingerprint": getattr(dataset, "_fingerprint", None), "num_rows": len(dataset),
+            "image_column": image_column, "label_column": label_column}
+
+
+def _check_raw_dataset(dataset, image_column: str, label_column: str) -> None:
+    for col in (image_column, label_column):
+        if col not in dataset.column_names:
+            raise ValueError(f"column '{col}' not in the dataset; columns: {dataset.column_names}")
+    fmt = getattr(dataset, "format", {}) or {}
+    if fmt.get("type") is not None:
+        raise ValueError(
+            "pass the raw image dataset (no with_transform / with_format): its fingerprint identifies the cache, "
+            f"and formatting changes it; this one has format type '{fmt.get('type')}'"
+        )
+
+
+_KEY_NAMES = {
+    "weights": "fingerprint of the teacher weights",
+    "student_spec": "student input spec",
+    "fingerprint": "dataset fingerprint",
+    "num_rows": "dataset length",
+    "transform": "view transform",
+    "top_k": "top-k",
+}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        out = {f"{prefix}[len]": len(value)}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def _differences(cached: dict, given: dict) -> list[str]:
+    """Human lines for every key of ``given`` whose value differs in ``cached``."""
+    have, want = _flatten(cached), _flatten(given)
+    lines = []
+    for key, value in want.items():
+        if have.get(key, "<absent>") != value:
+            last = key.rsplit(".", 1)[-1].split("[")[0]
+            top = key.split(".", 1)[0].split("[")[0]
+            label = _KEY_NAMES.get(last) or _KEY_NAMES.get(top)
+            lines.append(f"{key}{f' ({label})' if label else ''}: cache has {have.get(key, '<absent>')!r}, "
+                         f"given {value!r}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest and shards
+# ---------------------------------------------------------------------------------------------
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}.arrow"
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_manifest(cache_dir: str) -> dict | None:
+    path = os.path.join(cache_dir, MANIFEST_NAME)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT_NAME:
+        raise TeacherCacheError(f"{path} is not a teacher-cache manifest (format {manifest.get('format')!r})")
+    if manifest.get("version", 0) > FORMAT_VERSION:
+        raise TeacherCacheError(f"{path} has format version {manifest['version']}; this hf_distill reads "
+                                f"up to {FORMAT_VERSION}")
+    return manifest
+
+
+def _remove_cache_files(cache_dir: str) -> None:
+    for name in os.listdir(cache_dir):
+        if (name.startswith("shard-") and (name.endswith(".arrow") or name.endswith(".arrow.tmp"))) or name in (
+                MANIFEST_NAME, MANIFEST_NAME + ".tmp"):
+            os.remove(os.path.join(cache_dir, name))
+
+
+def _features(num_classes: int, top_k: int | None):
+    from datasets import Features, List, Value
+
+    cols = {
+        "index": Value("int64"), "epoch": Value("int32"), "label": Value("int64"),
+        "crop_top": Value("int32"), "crop_left": Value("int32"), "crop_height": Value("int32"),
+        "crop_width": Value("int32"), "flip": Value("bool"),
+    }
+    if top_k:
+        cols.update(topk_values=List(Value("float32"), length=top_k), topk_indices=List(Value("int32"), length=top_k),
+                    tail_logsumexp=Value("float32"))
+    else:
+        cols["logits"] = List(Value("float32"), length=num_classes)
+    return Features(cols)
+
+
+def _write_shard(path: str, columns: dict[str, np.ndarray], features) -> int:
+    """Write one shard as a ``datasets`` Arrow file (temporary name, then renamed: never half-written)."""
+    import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
+
+    arrays = []
+    for name in features:
+        value = np.ascontiguousarray(columns[name])
+        if value.ndim == 2:
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(value.reshape(-1)), value.shape[1]))
+        else:
+            arrays.append(pa.array(value))
+    table = pa.Table.from_arrays(arrays, names=list(features)).cast(features.arrow_schema)
+    tmp = f"{path}.tmp"
+    writer = ArrowWriter(features=features, path=tmp)
+    writer.write_table(table)
+    rows, _ = writer.finalize()
+    os.replace(tmp, path)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------
+
+
+def build_teacher_cache(
+    teachers: nn.Module | Sequence[nn.Module],
+    dataset,
+    student_spec: InputSpec,
+    cache_dir: str | os.PathLike,
+    *,
+    epochs: int = 1,
+    augmentation: str = "none",
+    top_k: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    teacher_id: str | Sequence[str] | None = None,
+    teacher_revision: str | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    shard_size: int = 10_000,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    on_shard_written: Callable[[int], None] | None = None,
+) -> "TeacherCache":
+    """Run the teacher(s) once over ``dataset`` (per epoch for random views) and store their logits.
+
+    Args:
+        teachers: a teacher module or several (their logits are averaged). They are frozen.
+        dataset: the raw ``datasets.Dataset`` with PIL images (no transform set).
+        student_spec: the student's :class:`InputSpec` (views are made for the student; each
+            teacher re-normalises them through its adapter, as in training).
+        cache_dir: output folder (created).
+        epochs: number of epochs of views for ``augmentation="timm"``; ``"none"`` stores one.
+        augmentation: ``"none"`` or ``"timm"`` (random-resized-crop + flip; see the module doc).
+        top_k: store only the ``k`` largest logits (+ the tail's logsumexp) instead of all.
+        batch_size: images per teacher forward.
+        seed: seed of the view parameters.
+        teacher_id / teacher_revision: what the teacher was loaded from (recorded, checked by
+            :func:`load_teacher_cache`); default: the teachers' names.
+        shard_size: entries per Arrow shard (the unit of resuming).
+        device / dtype: where and in which dtype the teachers run (default: their device, float32).
+        overwrite: rebuild from scratch when ``cache_dir`` holds a cache built from other inputs
+            (otherwise that raises :class:`TeacherCacheError`).
+        on_shard_written: called with the shard number after each shard and the manifest are on disk.
+
+    Returns the complete :class:`TeacherCache`. A build that stops early leaves a manifest with
+    status ``"partial"`` and its complete shards; calling again with the same inputs resumes.
+    """
+    teachers = list(teachers) if isinstance(teachers, (list, tuple, nn.ModuleList)) else [teachers]
+    if not teachers:
+        raise ValueError("build_teacher_cache needs at least one teacher")
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got '{augmentation}'")
+    if int(epochs) < 1 or int(batch_size) < 1 or int(shard_size) < 1:
+        raise ValueError("epochs, batch_size and shard_size must be >= 1")
+    if top_k is not None and int(top_k) < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if int(seed) < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    _check_raw_dataset(dataset, image_column, label_column)
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("the dataset is empty")
+    cache_dir = os.fspath(cache_dir)
+    os.makedirs(cache_dir, exist_ok=True)
+
+    stored_epochs = 1 if augmentation == "none" else int(epochs)
+    config = {
+        "teachers": _teacher_entries(teachers),
+        "teacher_id": _as_id_list(teacher_id) or [model_name(t) for t in teachers],
+        "teacher_revision": teacher_revision,
+        "teacher_dtype": str(dtype).replace("torch.", ""),
+        "student_spec": student_spec.to_dict(),
+        "transform": _transform_config(augmentation, seed),
+        "dataset": _dataset_entry(dataset, image_column, label_column),
+        "epochs": int(epochs),
+        "stored_epochs": stored_epochs,
+        "top_k": int(top_k) if top_k else None,
+        "shard_size": int(shard_size),
+        "batch_size": int(batch_size),
+    }
+    num_entries = stored_epochs * n
+    num_shards = -(-num_entries // int(shard_size))
+
+    manifest = _read_manifest(cache_dir)
+    if manifest is not None and manifest["config"] != config:
+        diff = _differences(manifest["config"], config)
+        if not overwrite:
+            raise TeacherCacheError(
+                f"{cache_dir} holds a teacher cache built from other inputs:\n  - " + "\n  - ".join(diff)
+                + "\nUse another folder, or overwrite=True (CLI: --overwrite) to delete it and rebuild."
+            )
+        logger.warning("rebuilding the teacher cache in %s from scratch (%s)", cache_dir, "; ".join(diff))
+        _remove_cache_files(cache_dir)
+        manifest = None
+    if manifest is None:
+        _remove_cache_files(cache_dir)  # stray shards of a build killed before its first manifest
+        manifest = {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "status": "partial", "config": config,
+            "num_classes": None, "num_entries": num_entries, "num_shards": num_shards, "shards": [],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        _write_json_atomic(os.path.join(cache_dir, MANIFEST_NAME), manifest)
+    if manifest["status"] == "complete":
+        logger.info("teacher cache in %s is complete; nothing to do", cache_dir)
+        return load_teacher_cache(cache_dir)
+
+    done = _complete_shards(cache_dir, manifest)
+    if done < len(manifest["shards"]):
+        manifest["shards"] = manifest["shards"][:done]
+    if done:
+        logger.info("resuming the teacher cache in %s at shard %d of %d", cache_dir, done, num_shards)
+
+    ensemble = Teachers(teachers, student_spec)
+    first = next(ensemble.models[0].parameters(), None)
+    device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+    ensemble.to(device=device, dtype=dtype)
+    k = config["top_k"]
+    features = None if manifest["num_classes"] is None else _features(manifest["num_classes"], k)
+
+    for shard in range(done, num_shards):
+        start, stop = shard * int(shard_size), min((shard + 1) * int(shard_size), num_entries)
+        cols: dict[str, list] = {key: [] for key in ("index", "epoch", "label", "crop_top", "crop_left",
+                                                      "crop_height", "crop_width", "flip")}
+        outputs: list[torch.Tensor] = []
+        for b0 in range(start, stop, int(batch_size)):
+            views = []
+            for epoch, index, image, label in _read_entries(dataset, b0, min(b0 + int(batch_size), stop), n,
+                                                            image_column, label_column):
+                params = draw_view_params(seed, epoch, index, image.width, image.height, augmentation)
+                views.append(render_view(image, params, student_spec, augmentation))
+                for key, value in (("index", index), ("epoch", epoch), ("label", label),
+                                   ("crop_top", params.top), ("crop_left", params.left),
+                                   ("crop_height", params.height), ("crop_width", params.width),
+                                   ("flip", params.flip)):
+                    cols[key].append(value)
+            outs = ensemble(torch.stack(views).to(device))
+            logits = (outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)).float().cpu()
+            outputs.append(logits)
+        logits = torch.cat(outputs)
+        if manifest["num_classes"] is None:
+            manifest["num_classes"] = int(logits.shape[-1])
+            if k is not None and k >= manifest["num_classes"]:
+                raise ValueError(f"top_k={k} must be smaller than the number of classes ({manifest['num_classes']})")
+            features = _features(manifest["num_classes"], k)
+        elif logits.shape[-1] != manifest["num_classes"]:
+            raise TeacherCacheError(f"the teacher outputs {logits.shape[-1]} classes, the cache holds "
+                                    f"{manifest['num_classes']}")
+        data = {key: np.asarray(v) for key, v in cols.items()}
+        if k:
+            values, indices, tail = _topk(logits, k)
+            data.update(topk_values=values.numpy(), topk_indices=indices.to(torch.int32).numpy(),
+                        tail_logsumexp=tail.numpy())
+        else:
+            data["logits"] = logits.numpy()
+        rows = _write_shard(os.path.join(cache_dir, _shard_name(shard)), data, features)
+        manifest["shards"].append({"file": _shard_name(shard), "start": start, "stop": stop, "rows": rows})
+        if len(manifest["shards"]) == num_shards:
+            manifest["status"] = "complete"
+            manifest["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        _write_json_atomic(os.path.join(cache_dir, MANIFEST_NAME), manifest)
+        logger.info("teacher cache: shard %d/%d written (%d entries)", shard + 1, num_shards, rows)
+        if on_shard_written is not None:
+            on_shard_written(shard)
+    return load_teacher_cache(cache_dir)
+
+
+def _read_entries(dataset, start: int, stop: int, n: int, image_column: str, label_column: str):
+    """(epoch, index, PIL image, label) of entries ``start:stop``, read in contiguous slices."""
+    g = start
+    while g < stop:
+        epoch, index = divmod(g, n)
+        count = min(stop - g, n - index)  # up to the end of this epoch's pass
+        rows = dataset[index:index + count]
+        for k in range(count):
+            yield epoch, index + k, rows[image_column][k], int(rows[label_column][k])
+        g += count
+
+
+def _complete_shards(cache_dir: str, manifest: dict) -> int:
+    """How many of the manifest's shards, in order, are on disk with the rows they should have."""
+    size = manifest["config"]["shard_size"]
+    for i, entry in enumerate(manifest["shards"]):
+        path = os.path.join(cache_dir, entry["file"])
+        if entry["file"] != _shard_name(i) or entry["start"] != i * size or not os.path.exists(path):
+            return i
+    return len(manifest["shards"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+class TeacherCache:
+    """A complete teacher cache on disk (memory-mapped Arrow shards). Use :func:`load_teacher_cache`."""
+
+    def __init__(self, cache_dir: str, manifest: dict):
+        from datasets import Dataset, concatenate_datasets
+
+        self.cache_dir = cache_dir
+        self.manifest = manifest
+        self.config = manifest["config"]
+        self.num_classes: int = int(manifest["num_classes"])
+        self.top_k: int | None = self.config["top_k"]
+        self.stored_epochs: int = int(self.config["stored_epochs"])
+        self.num_samples: int = int(self.config["dataset"]["num_rows"])
+        self.augmentation: str = self.config["transform"]["augmentation"]
+        self.student_spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in self.config["student_spec"].items()})
+        shards = [Dataset.from_file(os.path.join(cache_dir, s["file"])) for s in manifest["shards"]]
+        data = shards[0] if len(shards) == 1 else concatenate_datasets(shards)
+        if len(data) != manifest["num_entries"]:
+            raise TeacherCacheError(f"{cache_dir}: the shards hold {len(data)} entries, the manifest says "
+                                    f"{manifest['num_entries']}")
+        self.data = data.with_format("numpy")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return (f"TeacherCache({self.cache_dir!r}, samples={self.num_samples}, epochs={self.stored_epochs}, "
+                f"classes={self.num_classes}, top_k={self.top_k}, augmentation={self.augmentation!r})")
+
+    def cache_epoch(self, epoch: int) -> int:
+        """The stored epoch that serves training epoch ``epoch`` (wraps around)."""
+        return int(epoch) % self.stored_epochs
+
+    def entry(self, epoch: int, index: int) -> dict:
+        """The stored row of sample ``index`` for training epoch ``epoch`` (numpy values)."""
+        index = int(index)
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for a cache of {self.num_samples} samples")
+        e = self.cache_epoch(epoch)
+        row = self.data[e * self.num_samples + index]
+        if int(row["index"]) != index or int(row["epoch"]) != e:
+            raise TeacherCacheError(f"{self.cache_dir}: corrupt cache: row for (epoch {e}, index {index}) holds "
+                                    f"(epoch {int(row['epoch'])}, index {int(row['index'])})")
+        return row
+
+    @staticmethod
+    def params_of(row: dict) -> ViewParams:
+        return ViewParams(int(row["crop_top"]), int(row["crop_left"]), int(row["crop_height"]),
+                          int(row["crop_width"]), bool(row["flip"]))
+
+    def params(self, epoch: int, index: int) -> ViewParams:
+        return self.params_of(self.entry(epoch, index))
+
+    def logits_of(self, row: dict) -> torch.Tensor:
+        """Float32 ``[C]`` teacher logits of a row (rebuilt with :func:`rebuild_logits` for top-k)."""
+        if self.top_k:
+            return rebuild_logits(torch.from_numpy(np.asarray(row["topk_values"], dtype=np.float32)),
+                                  torch.from_numpy(np.asarray(row["topk_indices"], dtype=np.int64)),
+                                  torch.tensor(float(row["tail_logsumexp"]), dtype=torch.float32), self.num_classes)
+        return torch.from_numpy(np.array(row["logits"], dtype=np.float32))
+
+    def logits(self, epoch: int, index: int) -> torch.Tensor:
+        return self.logits_of(self.entry(epoch, index))
+
+    def render(self, image, params: ViewParams) -> torch.Tensor:
+        """Replay a stored view of a PIL image (the exact pixels the teacher saw)."""
+        return render_view(image, params, self.student_spec, self.augmentation)
+
+    def check(self, *, dataset=None, student_spec: InputSpec | None = None,
+              teachers: nn.Module | Sequence[nn.Module] | None = None, teacher_id=None, teacher_revision=None,
+              augmentation: str | None = None, seed: int | None = None, top_k: int | None = None,
+              image_column: str | None = None, label_column: str | None = None) -> None:
+        """Raise :class:`TeacherCacheError` listing every difference from what is given (``None``: not checked)."""
+        given: dict[str, Any] = {}
+        if dataset is not None:
+            given["dataset"] = {"fingerprint": getattr(dataset, "_fingerprint", None), "num_rows": len(dataset)}
+        if image_column is not None:
+            given.setdefault("dataset", {})["image_column"] = image_column
+        if label_column is not None:
+            given.setdefault("dataset", {})["label_column"] = label_column
+        if student_spec is not None:
+            given["student_spec"] = student_spec.to_dict()
+        if teachers is not None:
+            teachers = list(teachers) if isinstance(teachers, (list, tuple, nn.ModuleList)) else [teachers]
+            given["teachers"] = _teacher_entries(teachers)
+        if teacher_id is not None:
+            given["teacher_id"] = _as_id_list(teacher_id)
+        if teacher_revision is not None:
+            given["teacher_revision"] = teacher_revision
+        if augmentation is not None:
+            given.setdefault("transform", {})["augmentation"] = augmentation
+        if seed is not None and self.augmentation != "none":
+            given.setdefault("transform", {})["seed"] = int(seed)
+        if top_k is not None:
+            given["top_k"] = int(top_k) or None
+        diff = _differences(self.config, given)
+        if diff:
+            raise TeacherCacheError(
+                f"the teacher cache in {self.cache_dir} does not match what it is used with:\n  - "
+                + "\n  - ".join(diff) + "\nRebuild it (build_teacher_cache / hf-distill cache-teacher) for these inputs."
+            )
+
+
+def load_teacher_cache(cache_dir: str | os.PathLike, *, dataset=None, student_spec: InputSpec | None = None,
+                       teachers: nn.Module | Sequence[nn.Module] | None = None, teacher_id=None,
+                       teacher_revision: str | None = None, augmentation: str | None = None, seed: int | None = None,
+                       top_k: int | None = None) -> TeacherCache:
+    """Open a complete cache; refuse a partial one and any mismatch with the given inputs (``None``: unchecked).
+
+    ``teachers`` checks the weight fingerprints (and names / input specs), ``dataset`` its
+    fingerprint and length, ``student_spec`` the student input spec.
+    """
+    cache_dir = os.fspath(cache_dir)
+    manifest = _read_manifest(cache_dir)
+    if manifest is None:
+        raise TeacherCacheError(f"no teacher cache in {cache_dir} (no {MANIFEST_NAME}); build it with "
+                                "build_teacher_cache / hf-distill cache-teacher")
+    if manifest.get("status") != "complete":
+        raise TeacherCacheError(
+            f"the teacher cache in {cache_dir} is partial ({len(manifest.get('shards', []))} of "
+            f"{manifest.get('num_shards')} shards): its build was interrupted. Run build_teacher_cache "
+            "(hf-distill cache-teacher) again with the same inputs to resume it."
+        )
+    cache = TeacherCache(cache_dir, manifest)
+    cache.check(dataset=dataset, student_spec=student_spec, teachers=teachers, teacher_id=teacher_id,
+                teacher_revision=teacher_revision, augmentation=augmentation, seed=seed, top_k=top_k)
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data
+# ---------------------------------------------------------------------------------------------
+
+
+class TeacherCacheDataset(torch.utils.data.Dataset):
+    """Map-style training data: ``{"pixel_values", "labels", "teacher_logits"}`` from a teacher cache.
+
+    ``pixel_values`` is the view the teacher saw at the current epoch (replayed from the stored
+    parameters) and ``teacher_logits`` its cached logits. ``set_epoch`` selects the epoch
+    (``epoch % stored_epochs``); see the module doc for who calls it.
+    """
+
+    def __init__(self, dataset, cache: TeacherCache, student_spec: InputSpec, image_column: str = "image",
+                 label_column: str = "label"):
+        _check_raw_dataset(dataset, image_column, label_column)
+        cache.check(dataset=dataset, student_spec=student_spec, image_column=image_column, label_column=label_column)
+        self.dataset = dataset
+        self.cache = cache
+        self.student_spec = student_spec
+        self.image_column, self.label_column = image_column, label_column
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index) -> dict[str, Any]:
+        index = int(index)
+        row = self.cache.entry(self.epoch, index)
+        example = self.dataset[index]
+        label = int(example[self.label_column])
+        if int(row["label"]) != label:
+            raise TeacherCacheError(f"sample {index}: the dataset's label is {label}, the cache's {int(row['label'])}")
+        return {
+            "pixel_values": self.cache.render(example[self.image_column], self.cache.params_of(row)),
+            "labels": label,
+            "teacher_logits": self.cache.logits_of(row),
+        }
+
+
+def with_teacher_cache(dataset, cache: TeacherCache | str | os.PathLike, student_spec: InputSpec,
+                       image_column: str = "image", label_column: str = "label") -> TeacherCacheDataset:
+    """The raw dataset as training data that carries cached teacher logits (``train_dataset=``).
+
+    ``cache`` is a :class:`TeacherCache` or its folder; it must have been built from this dataset
+    and this student input spec. Add ``TeacherCacheCallback(dataset)`` to the trainer's callbacks
+    (needed with several processes, harmless otherwise).
+    """
+    if not isinstance(cache, TeacherCache):
+        cache = load_teacher_cache(cache)
+    return TeacherCacheDataset(dataset, cache, student_spec, image_column, label_column)
+
+
+def _epoch_of(state) -> int:
+    return int(math.floor(float(state.epoch or 0.0) + 1e-6))
+
+
+class TeacherCacheCallback(TrainerCallback):
+    """Sets the training epoch on a :class:`TeacherCacheDataset` at every ``on_epoch_begin``.
+
+    accelerate forwards ``set_epoch`` to the dataset only when one process trains; with several
+    the dataset would stay at epoch 0 without this callback.
+    """
+
+    def __init__(self, dataset: TeacherCacheDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(_epoch_of(state))
