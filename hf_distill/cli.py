@@ -3,6 +3,7 @@
     hf-distill [train] --config run.yaml [--flag value ...]   distill (flags override the file)
     hf-distill demo [--output_dir DIR]                        embedded offline demo
     hf-distill layers MODEL [--image-size N]                  candidate hint layers and shapes
+    hf-distill cache-teacher --teacher_cache_dir DIR [...]    teacher outputs computed once (FKD)
 
 Every field of :class:`ModelArguments`, :class:`DataArguments` and
 :class:`DistillationTrainingArguments` is a flag; ``hf-distill train --help`` lists them.
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-COMMANDS = ("train", "demo", "layers")
+COMMANDS = ("train", "demo", "layers", "cache-teacher")
 
 
 def _parser():
@@ -77,29 +78,31 @@ def parse_train_args(argv: Sequence[str]):
     return model_args, data_args, training_args
 
 
-def run_training(model_args, data_args, training_args, print_fn=print):
-    """Load data and models as the arguments say, distill, evaluate, save the student. Returns metrics."""
-    from .data import label_names, load_image_dataset, split_train_eval, with_image_transform
-    from .models import input_spec, load_model, set_input_spec
-    from .trainer import DistillationTrainer
+def load_splits(data_args, seed: int, cache_dir: str | None = None):
+    """(train, eval) raw datasets exactly as every command sees them (same split, same subset)."""
+    from .data import load_image_dataset, split_train_eval
 
-    if not model_args.student_model_name_or_path:
-        raise SystemExit("--student_model_name_or_path is required")
     if not data_args.dataset_name:
         raise SystemExit("--dataset_name is required (a Hub dataset, a folder, or sklearn-digits)")
-
-    dsd = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, model_args.cache_dir)
-    train, evaluation = split_train_eval(
-        dsd, data_args.train_split, data_args.eval_split, data_args.eval_fraction, training_args.seed,
-        data_args.label_column_name,
-    )
+    dsd = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir)
+    train, evaluation = split_train_eval(dsd, data_args.train_split, data_args.eval_split, data_args.eval_fraction,
+                                         seed, data_args.label_column_name)
     if data_args.max_train_samples:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if data_args.max_eval_samples:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
-    names = label_names(train, data_args.label_column_name)
-    num_labels = len(names) if names else len(set(train[data_args.label_column_name]))
+    return train, evaluation
 
+
+def load_student(model_args, train, label_column: str):
+    """The student named in the arguments, with the dataset's classes and the requested input size."""
+    from .data import label_names
+    from .models import input_spec, load_model, set_input_spec
+
+    if not model_args.student_model_name_or_path:
+        raise SystemExit("--student_model_name_or_path is required")
+    names = label_names(train, label_column)
+    num_labels = len(names) if names else len(set(train[label_column]))
     student_kw = {"in_chans": model_args.in_chans} if model_args.in_chans else {}
     student = load_model(
         model_args.student_model_name_or_path, num_labels=num_labels, pretrained=model_args.student_pretrained,
@@ -108,18 +111,42 @@ def run_training(model_args, data_args, training_args, print_fn=print):
     if model_args.image_size:
         size = (model_args.image_size, model_args.image_size)
         set_input_spec(student, dataclasses.replace(input_spec(student), image_size=size))
-    teachers = [
+    return student
+
+
+def load_teachers(model_args, training_args):
+    from .models import load_model
+
+    return [
         load_model(name, pretrained=model_args.teacher_pretrained, revision=training_args.teacher_revision,
                    cache_dir=model_args.cache_dir)
         for name in training_args.teacher_names
     ]
+
+
+def run_training(model_args, data_args, training_args, print_fn=print):
+    """Load data and models as the arguments say, distill, evaluate, save the student. Returns metrics."""
+    from .data import with_image_transform
+    from .models import input_spec
+    from .trainer import DistillationTrainer
+
+    train, evaluation = load_splits(data_args, training_args.seed, model_args.cache_dir)
+    student = load_student(model_args, train, data_args.label_column_name)
     spec = input_spec(student)
     columns = {"image_column": data_args.image_column_name, "label_column": data_args.label_column_name}
+    if training_args.teacher_cache_dir:
+        from .teacher_cache import with_teacher_cache
+
+        # soft labels (and the exact views) come from the cache; a teacher is loaded only if named
+        train_dataset = with_teacher_cache(train, training_args.teacher_cache_dir, spec, **columns)
+    else:
+        train_dataset = with_image_transform(train, spec, True, data_args.train_augmentation, **columns)
+    teachers = load_teachers(model_args, training_args)
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teachers or None,
         args=training_args,
-        train_dataset=with_image_transform(train, spec, True, data_args.train_augmentation, **columns),
+        train_dataset=train_dataset,
         eval_dataset=with_image_transform(evaluation, spec, False, **columns),
     )
     trainer.card_info.update(dataset=data_args.dataset_name)
@@ -143,6 +170,44 @@ def run_training(model_args, data_args, training_args, print_fn=print):
                  f"{training_args.sftn_distill_method}")
         return run_training(student_model_args, data_args, student_args, print_fn)
     return metrics
+
+
+def _cache_teacher_main(argv: Sequence[str]) -> int:
+    """``hf-distill cache-teacher``: run the teacher(s) once over the training data, store soft labels."""
+    from transformers import HfArgumentParser
+
+    from .arguments import DataArguments, DistillationTrainingArguments, ModelArguments
+    from .models import input_spec
+    from .teacher_cache import build_teacher_cache
+
+    @dataclasses.dataclass
+    class CacheArguments:
+        cache_epochs: int = dataclasses.field(
+            default=1, metadata={"help": "Epochs of views to store (random views differ per epoch; 'none' needs 1)."})
+        top_k: int = dataclasses.field(default=0, metadata={"help": "Keep only the top-k logits (0: all)."})
+        cache_batch_size: int = dataclasses.field(
+            default=0, metadata={"help": "Teacher batch size (default: per_device_train_batch_size, which makes "
+                                 "cached training bit-identical to live-teacher training)."})
+        overwrite: bool = dataclasses.field(default=False, metadata={"help": "Rebuild a cache built from other inputs."})
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, DistillationTrainingArguments, CacheArguments),
+                              prog="hf-distill cache-teacher",
+                              description="Compute the teacher's outputs once and store them in --teacher_cache_dir.")
+    model_args, data_args, args, cache_args = parser.parse_args_into_dataclasses(args=list(argv))
+    if not args.teacher_cache_dir or not args.teacher_names:
+        raise SystemExit("--teacher_cache_dir and --teacher_model_name_or_path are required")
+    train, _ = load_splits(data_args, args.seed, model_args.cache_dir)
+    student = load_student(model_args, train, data_args.label_column_name)
+    cache = build_teacher_cache(
+        load_teachers(model_args, args), train, input_spec(student), args.teacher_cache_dir,
+        epochs=cache_args.cache_epochs, augmentation=data_args.train_augmentation, top_k=cache_args.top_k or None,
+        batch_size=cache_args.cache_batch_size or args.per_device_train_batch_size, seed=args.seed,
+        teacher_id=args.teacher_names, teacher_revision=args.teacher_revision,
+        image_column=data_args.image_column_name, label_column=data_args.label_column_name,
+        overwrite=cache_args.overwrite,
+    )
+    print(f"teacher cache ready in {args.teacher_cache_dir} ({cache})")
+    return 0
 
 
 def _layers_main(argv: Sequence[str]) -> int:
@@ -180,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo_main(argv)
     if command == "layers":
         return _layers_main(argv)
+    if command == "cache-teacher":
+        return _cache_teacher_main(argv)
     model_args, data_args, training_args = parse_train_args(argv)
     run_training(model_args, data_args, training_args)
     return 0

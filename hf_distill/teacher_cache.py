@@ -44,6 +44,15 @@ Transforms (``augmentation``):
 Several teachers: each gets its own input adapter (:class:`hf_distill.teacher.Teachers`) and the
 cache stores the mean of their logits (``teacher_ensemble="mean"``; ``"random"`` cannot be cached).
 
+Exactness: full logits are stored as the float32 the teacher produced, so training reads bit for
+bit what the teacher computed on the replayed view. A cached run equals a live-teacher run bit for
+bit when the build's ``batch_size`` equals the training batch size (and the precision is the
+same: the live trainer runs the teacher under autocast with --bf16/--fp16 on an accelerator,
+the build in ``dtype``): CPU/GPU kernels are not batch-size invariant (other batch sizes differ in
+the last bits, ~1e-7), though a row's result does not depend on the other rows of a batch of the
+same size (on CPU; cuDNN may choose algorithms per call). ``top_k`` is lossy: see
+:func:`rebuild_logits`.
+
 Mismatch policy: :func:`build_teacher_cache` on a folder whose manifest was built from other
 inputs **refuses** (listing the differences) unless ``overwrite=True``, which deletes the
 cache's files and rebuilds it from scratch. The same inputs resume a partial cache from its
@@ -501,7 +510,9 @@ def build_teacher_cache(
 
     ensemble = Teachers(teachers, student_spec)
     first = next(ensemble.models[0].parameters(), None)
-    device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+    if device is None:
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
     ensemble.to(device=device, dtype=dtype)
     k = config["top_k"]
     features = None if manifest["num_classes"] is None else _features(manifest["num_classes"], k)
@@ -680,7 +691,8 @@ class TeacherCache:
         if diff:
             raise TeacherCacheError(
                 f"the teacher cache in {self.cache_dir} does not match what it is used with:\n  - "
-                + "\n  - ".join(diff) + "\nRebuild it (build_teacher_cache / hf-distill cache-teacher) for these inputs."
+                + "\n  - ".join(diff)
+                + "\nRebuild it (build_teacher_cache / hf-distill cache-teacher) for these inputs."
             )
 
 

@@ -138,6 +138,9 @@ class DistillationTrainer(Trainer):
                 f"distill_method='{args.distill_method}' needs a teacher: pass teacher_model= or set "
                 "teacher_model_name_or_path"
             )
+        if args.teacher_cache_dir and self.method.teacher_layers():
+            raise ValueError(f"distill_method='{args.distill_method}' needs teacher features, which a teacher-output "
+                             "cache does not hold: drop teacher_cache_dir or use a logit method (kd, noisy_teacher)")
         check_label_spaces(student, teachers)
         self.student_spec = input_spec(student)
         self.method.setup(student, teachers)
@@ -163,6 +166,11 @@ class DistillationTrainer(Trainer):
             optimizers=optimizers,
             **kwargs,
         )
+        from .teacher_cache import TeacherCacheCallback, TeacherCacheDataset
+
+        if isinstance(train_dataset, TeacherCacheDataset):
+            # cached views are per epoch; with several processes only a callback reaches the dataset
+            self.add_callback(TeacherCacheCallback(train_dataset))
         # A timm model's forward(x) names no labels: tell the Trainer where they are.
         self.label_names = ["labels"]
         # compute_loss returns a per-batch mean, so the Trainer scales it for accumulation.

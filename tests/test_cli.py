@@ -74,3 +74,17 @@ def test_layers_command_lists_shapes(capsys):
     main(["layers", "test_resnet", "--image-size", "32", "--stages-only"])
     text = capsys.readouterr().out
     assert "layer1" in text and "layer4" in text and "32" in text
+
+
+def test_cli_cache_teacher_then_train_without_running_the_teacher(tmp_path, capsys):
+    teacher_dir, cache = tmp_path / "teacher", tmp_path / "cache"
+    main(TINY + ["--output_dir", str(teacher_dir), "--distill_method", "supervised", "--max_steps", "2"])
+    main(["cache-teacher"] + TINY + ["--output_dir", str(tmp_path / "x"), "--teacher_model_name_or_path",
+                                     str(teacher_dir), "--teacher_cache_dir", str(cache)])
+    assert (cache / "cache_info.json").exists()
+    out = tmp_path / "student"
+    main(TINY + ["--output_dir", str(out), "--teacher_cache_dir", str(cache), "--max_steps", "2",
+                 "--logging_steps", "1"])
+    assert (out / "model.safetensors").exists()
+    text = capsys.readouterr().out
+    assert '"eval_accuracy"' in text and "eval_teacher_accuracy" not in text  # no teacher was loaded
