@@ -72,6 +72,11 @@ class DistillationTrainingArguments(*_METHOD_ARGUMENTS, TrainingArguments):
         default="mean",
         metadata={"help": "With several teachers: `mean` averages their logits, `random` draws one per batch."},
     )
+    sync_batchnorm: bool = field(
+        default=False,
+        metadata={"help": "Multi-GPU: convert the student's (and extra modules') BatchNorm to SyncBatchNorm so "
+                  "statistics span all processes (GPU only). Default: per-process statistics, as plain DDP."},
+    )
     teacher_cache_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Teacher-output cache (`hf-distill cache-teacher`): training reads soft labels from it "

@@ -154,8 +154,13 @@ class DistillationTrainer(Trainer):
         self._schedule_values: dict[str, float] = {}
         self._eval_output_names: list[str] = []
 
+        wrapped = DistillationModel(student, extras, self.method, self.method.student_layers())
+        if args.sync_batchnorm and args.world_size > 1:
+            if args.device.type != "cuda":
+                raise ValueError("sync_batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on CPU")
+            wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
         super().__init__(
-            model=DistillationModel(student, extras, self.method, self.method.student_layers()),
+            model=wrapped,
             args=args,
             data_collator=data_collator or collate_images,
             train_dataset=train_dataset,
