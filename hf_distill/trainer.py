@@ -216,11 +216,17 @@ class DistillationTrainer(Trainer):
     @property
     def student(self) -> nn.Module:
         """The student being trained (unwrapped)."""
-        return self.accelerator.unwrap_model(self.model).student
+        return self._container.student
+
+    @property
+    def _container(self) -> DistillationModel:
+        # self.model is the unwrapped container unless torch.compile wrapped it
+        model = self.model
+        return model if isinstance(model, DistillationModel) else self.accelerator.unwrap_model(model)
 
     @property
     def extra_modules(self) -> nn.ModuleDict:
-        return self.accelerator.unwrap_model(self.model).extras
+        return self._container.extras
 
     @property
     def progress(self) -> Progress:
