@@ -250,6 +250,9 @@ class DistillationTrainer(Trainer):
         n = len(self.teachers)
         if not n:
             return None, {}
+        if training and not self.method.teacher_logits_needed(self.progress):
+            with self.accelerator.autocast():
+                return None, self.teachers.features_only(pixel_values)  # e.g. FitNets stage 1
         which = None
         if training and n > 1 and self.args.teacher_ensemble == "random":
             which = [int(torch.randint(n, (1,)).item())]

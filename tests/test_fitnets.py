@@ -160,3 +160,13 @@ def test_auto_pairs_the_middle_stages(digits_small, make_args):
     trainer = DistillationTrainer(model=tiny_timm(seed=1), teacher_model=tiny_timm("resnet18", seed=2),
                                   args=make_args(distill_method="fitnets", hint_layers=["auto"]), train_dataset=train)
     assert trainer.method.pairs == [("layer3", "layer3")]
+
+
+def test_stage1_runs_the_teacher_only_up_to_its_hint_layer(digits_small, make_args):
+    train, _ = digits_small
+    trainer = _trainer(make_args, train, max_steps=-1, num_train_epochs=2, hint_epochs=1.0)
+    teacher = trainer.teachers.models[0]
+    calls = []
+    teacher.classifier.register_forward_hook(lambda m, i, o: calls.append(trainer.state.epoch))
+    trainer.train()
+    assert calls and min(calls) >= 1.0 - 1e-6  # the head never ran during stage 1

@@ -94,6 +94,10 @@ class DistillationMethod:
     def loss(self, out: StepOutputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def teacher_logits_needed(self, progress: Progress) -> bool:
+        """False when the loss uses only teacher features: the teacher then stops at its last tapped layer."""
+        return True
+
     def prepare_student(self, student: nn.Module, progress: Progress) -> None:
         """Called before each training forward (after ``train()``), e.g. to hold parts in eval mode."""
 

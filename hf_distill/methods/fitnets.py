@@ -238,6 +238,9 @@ class FitNets(DistillationMethod):
             terms["loss_hint"] = hint.detach()
         return total, terms
 
+    def teacher_logits_needed(self, progress):
+        return not self.in_stage1(progress)  # stage 1 uses hints only
+
     def prepare_student(self, student, progress):
         if self.in_stage1(progress):
             for m in self._later_modules:  # no BatchNorm statistics updates past the guided layer
