@@ -761,17 +761,25 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index) -> dict[str, Any]:
-        index = int(index)
-        row = self.cache.entry(self.epoch, index)
-        example = self.dataset[index]
-        label = int(example[self.label_column])
-        if int(row["label"]) != label:
-            raise TeacherCacheError(f"sample {index}: the dataset's label is {label}, the cache's {int(row['label'])}")
-        return {
-            "pixel_values": self.cache.render(example[self.image_column], self.cache.params_of(row)),
-            "labels": label,
-            "teacher_logits": self.cache.logits_of(row),
-        }
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices) -> list[dict[str, Any]]:
+        # one batched Arrow read for the whole batch (the DataLoader calls this when it exists)
+        indices = [int(i) for i in indices]
+        batch = self.dataset[indices]
+        out = []
+        for index, image, label in zip(indices, batch[self.image_column], batch[self.label_column]):
+            row = self.cache.entry(self.epoch, index)
+            label = int(label)
+            if int(row["label"]) != label:
+                raise TeacherCacheError(
+                    f"sample {index}: the dataset's label is {label}, the cache's {int(row['label'])}")
+            out.append({
+                "pixel_values": self.cache.render(image, self.cache.params_of(row)),
+                "labels": label,
+                "teacher_logits": self.cache.logits_of(row),
+            })
+        return out
 
 
 def with_teacher_cache(dataset, cache: TeacherCache | str | os.PathLike, student_spec: InputSpec,

@@ -145,9 +145,9 @@ def test_rebuild_logits_bounds():
 class _RecordingDataset(TeacherCacheDataset):
     served: list
 
-    def __getitem__(self, index):
-        self.served.append((self.epoch, int(index)))
-        return super().__getitem__(index)
+    def __getitems__(self, indices):  # the DataLoader fetches whole batches through this
+        self.served.extend((self.epoch, int(i)) for i in indices)
+        return super().__getitems__(indices)
 
 
 def test_kd_run_from_cache_equals_live_teacher_run(raw, make_args, tmp_path):
