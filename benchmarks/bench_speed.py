@@ -897,6 +897,20 @@ def plot(path, p1, p2, mem, size):
 # =============================================================================================
 # Main
 # =============================================================================================
+def git_commit() -> str:
+    import subprocess
+
+    root = os.path.dirname(C.HERE)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "hf_distill"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}{' + uncommitted changes in hf_distill/' if dirty else ''}" if sha else "unknown"
+
+
 def fmt_pair(wc):
     return f"{wc[0]:.2f} / {wc[1]:.2f}"
 
@@ -915,7 +929,8 @@ def main(argv=None):
     import torchdistill
 
     info = C.machine_rows(args.threads, malloc) + [("datasets", datasets.__version__),
-                                                   ("torchdistill", torchdistill.__version__)]
+                                                   ("torchdistill", torchdistill.__version__),
+                                                   ("hf_distill commit", git_commit())]
     cost = pair_cost(args, args.compare_size)
     print("pair cost:", cost, flush=True)
 
@@ -998,6 +1013,10 @@ def main(argv=None):
            C.md_table(["image", "supervised dataset ms/batch", "cached dataset ms/batch", "difference"], data_rows), ""]
 
     # part 2
+    from hf_distill.teacher import Teachers
+
+    teacher_stage1 = ("its teacher stops after the last hint layer (`Teachers.features_only`)"
+                      if hasattr(Teachers, "features_only") else "it runs the whole teacher")
     def_notes = [
         "* **timm `LogitDistillationTask`**: `task_loss_weight * CE + distill_loss_weight * T^2 * KL(batchmean, "
         "log-target)`; with only `task_loss_weight` given, `distill = 1 - task`; with neither, both are 1 (a sum, "
@@ -1021,8 +1040,8 @@ def main(argv=None):
         "(`sequential`), regresses with `ConvReg` (1x1 conv *with* bias + BN, ReLU optional) and sums the squared "
         "error over the whole batch (`MSELoss(reduction='sum')`). Aligned: `uses_relu=False`, the conv bias "
         "zeroed, the conv / BN weights copied from hf_distill's regressor (1x1 conv without bias + BN), "
-        "term weight `1 / (2 B)`. hf_distill's stage 1 runs the whole student and the whole teacher and taps the "
-        "layers with forward hooks.",
+        f"term weight `1 / (2 B)`. hf_distill's stage 1 taps the layers with forward hooks and runs the whole "
+        f"student; {teacher_stage1}.",
     ]
     loss_rows, time_rows, verdicts = [], [], []
     for key, r in p2.items():
