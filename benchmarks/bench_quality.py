@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -48,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fashion_mnist import CACHE_ROOT, CLASS_NAMES, MEAN, STD, load_fashion_mnist, stratified_subset, to_tensors  # noqa: E402
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, InputSpec, load_model, set_input_spec  # noqa: E402
-from hf_distill.models import count_parameters, input_spec, set_label_names  # noqa: E402
+from hf_distill.models import count_parameters, set_label_names  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TEACHER_DIR = CACHE_ROOT / "teachers"
@@ -364,15 +363,26 @@ class Sweep:
         self.path = RESULTS_DIR / f"{name}.json"
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         old = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.runs = old.get("runs", []) if old.get("meta", {}).get("settings") == meta.get("settings") else []
-        self.meta = {**meta, "git": git_state(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        keep = old.get("meta", {}).get("settings") == meta.get("settings")
+        self.runs = old.get("runs", []) if keep else []
+        # one entry per invocation that ran something: when, with which library code, how long
+        self.invocation = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_state(), "runs_added": 0,
+                           "seconds": 0.0}
+        self._t0 = time.time()
+        self.meta = {**(old.get("meta", {}) if keep else {}), **meta}
+        self.meta.setdefault("invocations", [])
 
     def done(self, config: str, seed: int) -> bool:
         return any(r["config"] == config and r["seed"] == seed for r in self.runs)
 
     def add(self, config: str, seed: int, result: dict) -> None:
-        result = {"config": config, "seed": seed, **result}
+        result = {"config": config, "seed": seed, "git_commit": self.invocation["git"]["commit"],
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **result}
         self.runs.append(result)
+        if self.invocation["runs_added"] == 0:
+            self.meta["invocations"].append(self.invocation)
+        self.invocation["runs_added"] += 1
+        self.invocation["seconds"] = time.time() - self._t0
         self.save()
         log.info("%s | %-28s seed %d: %.2f%% (%.0f s)", self.name, config, seed, 100 * result["accuracy"],
                  result["wall_seconds"])
@@ -423,6 +433,12 @@ def teacher_lines(names: list[str]) -> list[str]:
     return lines
 
 
+def code_line(sweep: Sweep) -> str:
+    """Which library commit(s) the runs used (the library was being developed while they ran)."""
+    commits = sorted({r.get("git_commit", "?")[:7] for r in sweep.runs})
+    return "hf_distill code: commit " + ", ".join(f"`{c}`" for c in commits) + " (per run in the JSON)."
+
+
 def env_line() -> str:
     return (f"Environment: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} thread(s) per process, CPU only; wall times are per run (train + final "
@@ -465,7 +481,6 @@ def cmd_fitnets(a) -> None:
         ("kd_anneal", "fitnets", truncated),
     ]
     configs = [c for c in configs if c[0] in a.configs]
-    t_start = time.time()
     for seed in a.seeds:
         for key, method, teacher in configs:
             if sweep.done(key, seed):
@@ -480,8 +495,6 @@ def cmd_fitnets(a) -> None:
             res["teacher_logits"] = {id(cached): "cached", id(live): "live"}.get(id(teacher),
                                                                                "truncated+cached" if teacher else None)
             sweep.add(key, seed, res)
-    sweep.meta["sweep_seconds_this_invocation"] = time.time() - t_start
-    sweep.save()
     for extra in a.merge or []:  # runs of the same settings kept in another results file (a parallel process)
         other = json.loads((RESULTS_DIR / f"{extra}.json").read_text())
         if other["meta"]["settings"] != settings:
@@ -529,7 +542,7 @@ def write_fitnets_md(sweep: Sweep, teacher_name: str, s: dict) -> None:
         "FitNets runs run the live teacher's layers up to the hint layer (checked equal to the full teacher's "
         "hint) and take its logits from the same cache, so their wall time includes part of the teacher's "
         "forward passes.", "",
-        env_line(), "",
+        env_line(), "", code_line(sweep), "",
     ]
     (RESULTS_DIR / f"{sweep.name}.md").write_text("\n".join(lines))
 
@@ -579,7 +592,6 @@ def cmd_noisy(a) -> None:
     if a.noisy_ensemble:
         configs.append((f"noisy_3t_mean_s{a.sigmas[0]:g}", "noisy_teacher", t3,
                         dict(teacher_noise_std=a.sigmas[0], teacher_ensemble="mean")))
-    t_start = time.time()
     for seed in a.seeds:
         for key, method, teacher, kw in configs:
             if sweep.done(key, seed):
@@ -593,8 +605,6 @@ def cmd_noisy(a) -> None:
     for t in t3:
         if t.misses > 0:
             log.info("cached teacher %s: %d lookups missed (the trainer's dry probe only)", t.name, t.misses)
-    sweep.meta["sweep_seconds_this_invocation"] = time.time() - t_start
-    sweep.save()
     write_noisy_md(sweep, [main_t, *extra], settings, [c[0] for c in configs])
 
 
@@ -634,7 +644,7 @@ def write_noisy_md(sweep: Sweep, teachers: list[str], s: dict, keys: list[str]) 
         *convergence_lines(sweep, keys), "",
         "Teacher logits are read from a cache of the frozen teachers' exact outputs (see the module "
         "docstring); noise, averaging and losses are applied by `DistillationTrainer` as with live teachers.", "",
-        env_line(), "",
+        env_line(), "", code_line(sweep), "",
     ]
     (RESULTS_DIR / f"{sweep.name}.md").write_text("\n".join(lines))
 

@@ -911,6 +911,23 @@ def git_commit() -> str:
     return f"{sha}{' + uncommitted changes in hf_distill/' if dirty else ''}" if sha else "unknown"
 
 
+def package_fingerprint() -> str:
+    """A hash of the hf_distill sources, to detect edits made while the benchmark runs (child processes
+    and later parts import the files as they are then)."""
+    import hashlib
+
+    import hf_distill
+
+    root = os.path.dirname(hf_distill.__file__)
+    h = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as fh:
+                    h.update(name.encode() + fh.read())
+    return h.hexdigest()[:12]
+
+
 def fmt_pair(wc):
     return f"{wc[0]:.2f} / {wc[1]:.2f}"
 
@@ -928,9 +945,10 @@ def main(argv=None):
     import datasets
     import torchdistill
 
+    fingerprint, commit = package_fingerprint(), git_commit()
     info = C.machine_rows(args.threads, malloc) + [("datasets", datasets.__version__),
                                                    ("torchdistill", torchdistill.__version__),
-                                                   ("hf_distill commit", git_commit())]
+                                                   ("hf_distill commit", commit)]
     cost = pair_cost(args, args.compare_size)
     print("pair cost:", cost, flush=True)
 
@@ -1157,6 +1175,9 @@ def main(argv=None):
     for key, desc, lib, rc, rw in verdicts:
         lines.append(f"{desc}: hf_distill / {lib} = **{rc:.3f}** CPU ({rw:.3f} wall) - target <= 1: "
                      f"{'met' if rc <= 1.0 else '**missed**'}.")
+    if package_fingerprint() != fingerprint:
+        lines.append(f"**hf_distill's sources changed while this ran** (commit {commit} at the start, "
+                     f"{git_commit()} at the end): later parts and the memory processes used other code; rerun.")
     bad_loss = [row for row in loss_rows if row[-1] != "yes"]
     lines.append("First-batch losses agree to the tolerance in every comparison." if not bad_loss else
                  f"**Losses disagree** in {len(bad_loss)} row(s).")
