@@ -279,8 +279,11 @@ class Sweep:
         self.runs: list[dict] = old.get("runs", []) if same else []
         self.extra: dict = old.get("extra", {}) if same else {}
         self.settings = settings
-        self.meta = {"git": git_state(), "environment": environment(),
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        now = {"git": git_state(), "environment": environment(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        first = old.get("meta", {}) if same and self.runs else {}
+        # git state and machine load of the invocation that produced the first runs; the latest one apart
+        self.meta = {k: first.get(k, now[k]) for k in now}
+        self.meta["last_invocation"] = now
         self.t0_cpu, self.t0_wall = time.process_time(), time.perf_counter()
         self.prev_cpu = old.get("meta", {}).get("total_cpu_s", 0.0) if same else 0.0
         self.prev_wall = old.get("meta", {}).get("total_wall_s", 0.0) if same else 0.0
