@@ -367,3 +367,12 @@ def tmpdir(prefix: str) -> str:
 
 def fresh(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module)
+
+
+def verdict(ratios: dict, target: float, what: str) -> str:
+    """One sentence listing each paired-median ratio and whether all meet ``target``."""
+    over = [k for k, v in ratios.items() if v > target]
+    listing = "; ".join(f"{s}x{s} {m} ({c}): {v:.3f}" for (s, m, c), v in ratios.items())
+    return (f"Paired-median ratios {what}: {listing}. "
+            + (f"All <= {target}: target met." if not over else
+               f"Over the {target} target: " + ", ".join(f"{s}x{s} {m} ({c})" for (s, m, c) in over) + "."))

@@ -218,11 +218,7 @@ def main(argv=None):
                "glibc allocator defaults in these processes.", "",
                C.md_table(["image", "configuration", "peak RSS MiB", "RSS before steps MiB", "peak - before MiB",
                            "peak / no-taps peak"], mem_rows), ""]
-    over = {k: v for k, v in ratios.items() if v > 1.03}
-    listing = "; ".join(f"{s}x{s} {m} ({c}): {v:.3f}" for (s, m, c), v in ratios.items())
-    verdict = (f"Paired-median ratios with taps / without: {listing}. "
-               + ("All <= 1.03: target met." if not over else
-                  "Over the 1.03 target: " + ", ".join(f"{s}x{s} {m} ({c})" for (s, m, c) in over) + "."))
+    verdict = C.verdict(ratios, 1.03, "with taps / without")
     md += ["## Verdict", "", verdict, "", f"Total benchmark wall time: {time.perf_counter() - t_start:.0f} s.", ""]
     text = "\n".join(md)
     path = C.write_result(args.out, text)

@@ -393,11 +393,7 @@ def main(argv=None):
                       [(f"{c:.2f}", f"{o:.3f}", f"{n:.2f}", f) for c, o, n, f in rows[:30]]), ""]
     print(top)
 
-    over = {k: v for k, v in ratios.items() if v > 1.05}
-    listing = "; ".join(f"{s}x{s} {m} ({c}): {v:.3f}" for (s, m, c), v in ratios.items())
-    verdict = (f"Paired-median ratios trainer / hand: {listing}. "
-               + ("All <= 1.05: target met." if not over else
-                  "Over the 1.05 target: " + ", ".join(f"{s}x{s} {m} ({c})" for (s, m, c) in over) + "."))
+    verdict = C.verdict(ratios, 1.05, "trainer / hand")
     md += ["## Verdict", "", verdict, "", f"Total benchmark wall time: {time.perf_counter() - t_start:.0f} s.", ""]
     text = "\n".join(md)
     path = C.write_result(args.out, text)
