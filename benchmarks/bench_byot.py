@@ -1,6 +1,6 @@
 """Be Your Own Teacher (BYOT) on Fashion-MNIST: accuracy of every exit, and its training cost.
 
-    python benchmarks/bench_byot.py            # full run (~35-40 min of CPU at 1 thread)
+    python benchmarks/bench_byot.py            # full run, 20 epochs (~70 min of CPU at 1 thread)
     python benchmarks/bench_byot.py --quick    # smoke run (a few minutes); writes bench_byot_quick.*
 
 Same network (timm ``resnet10t``, ``in_chans=1``, random init, 28x28), same data, same epochs and
@@ -21,6 +21,9 @@ Timing (CPU seconds of this process, ``time.process_time``):
 * per step, interleaved step by step on the same batches (median of repetitions): plain,
   BYOT, KD with the live teacher, KD from cached logits, for ``resnet10t`` and ``resnet18``;
 * end to end: one BYOT run vs teacher training + logit caching + one KD student run.
+
+Ablations (``SUPPLEMENTS``: e.g. the heavier ``conv`` exits) run as their own sweeps with
+``--no-supervised --no-kd --skip-timing`` and are paired by seed with this one in its report.
 
 Writes ``benchmarks/results/bench_byot.md`` and ``.json`` (every run's numbers; a rerun with the same
 settings resumes and skips finished runs).
@@ -49,14 +52,17 @@ from hf_distill.data import collate_images  # noqa: E402
 
 
 # ============================================================================ runs
+BYOT_KEYS = ("byot_alpha", "byot_feature_weight", "byot_exit_bottleneck", "byot_feature_reduction")
+
+
 def run_accuracy(sweep: Sweep, s: dict, work: Path) -> None:
     xtr, ytr, xte, yte = data(s["train_subset"], s["test_subset"])
     train_ds, test_ds = FlipImages(xtr, ytr, hflip=True), FlipImages(xte, yte)
     for seed in s["seeds"]:  # supervised and BYOT of one seed back to back (similar machine load)
         for config, method in (("supervised", "supervised"), ("byot", "byot")):
-            if sweep.get(config, seed):
+            if sweep.get(config, seed) or (config == "supervised" and s.get("no_supervised")):
                 continue
-            kw = {k: s[k] for k in ("byot_alpha", "byot_feature_weight") if method == "byot" and k in s}
+            kw = {k: s[k] for k in BYOT_KEYS if method == "byot" and k in s}
             args = make_args(str(work / f"{config}_s{seed}"), method, s["epochs"], seed, s["lr"], **kw)
             sweep.add(config, seed, train_eval(make_timm(s["student"], seed), None, args, train_ds, test_ds))
 
@@ -164,6 +170,12 @@ def run_timing(sweep: Sweep, s: dict) -> None:
 
 
 # ============================================================================ report
+BOTTLENECK_TEXT = {
+    "sepconv": "per halving of the map a depthwise 3x3 stride-2 conv + pointwise 1x1 conv + BN (`sepconv`, the default)",
+    "conv": "per halving of the map a full 3x3 stride-2 conv + BN + ReLU, then a 1x1 conv + BN (`conv`)",
+}
+
+
 def write_report(sweep: Sweep, s: dict, name: str) -> None:
     R = lambda c, **k: sweep.values(c, **k)  # noqa: E731
     sup, byot, kd = R("supervised"), R("byot"), R("kd")
@@ -179,9 +191,10 @@ def write_report(sweep: Sweep, s: dict, name: str) -> None:
         f"{', '.join(map(str, s['seeds']))} (all runs reported).", "",
         "- **supervised**: `distill_method=\"supervised\"`.",
         "- **BYOT**: `distill_method=\"byot\"`, exits after `layer1`, `layer2`, `layer3` (bottleneck = "
-        "strided 3x3 convs + 1x1 conv to the deepest feature's shape, then pooling + linear); deepest "
+        + BOTTLENECK_TEXT[s.get("byot_exit_bottleneck", "sepconv")] + ", then pooling + linear); deepest "
         f"classifier = the network's head; alpha {s.get('byot_alpha', 0.3)}, feature weight "
-        f"{s.get('byot_feature_weight', 0.03)}, T 3 ({'defaults' if not ('byot_alpha' in s or 'byot_feature_weight' in s) else 'non-default values set on the command line'}). "
+        f"{s.get('byot_feature_weight', 0.03)} ({s.get('byot_feature_reduction', 'sum')} over a sample's features), T 3 "
+        f"({'non-default values set on the command line' if any(k in s for k in BYOT_KEYS) else 'defaults'}). "
         f"Exits add {sweep.runs[[r['config'] for r in sweep.runs].index('byot')]['trainable_extra_params']:,} "
         "training-only parameters. *Deepest* = the plain network with the exits dropped (same inference cost "
         "as supervised).",
@@ -199,7 +212,7 @@ def write_report(sweep: Sweep, s: dict, name: str) -> None:
         if not vals:
             return
         m, per = pct_cell(vals)
-        d = paired(vals, base) if delta else ("-", "-", "-")
+        d = paired(vals, base) if delta and base else ("-", "-", "-")
         rows.append([label, len(vals), m, per, d[1], d[2], f"{cpu:.0f}" if cpu is not None else "-"])
 
     cpu = lambda c: mean_std([r["train_cpu_s"] for r in sweep.runs if r["config"] == c])[0]  # noqa: E731
@@ -292,7 +305,7 @@ def write_report(sweep: Sweep, s: dict, name: str) -> None:
                   "live/cached. Several students from one teacher share the teacher's cost; BYOT has none to share. "
                   f"Reloaded teacher's test accuracy from its saved folder: {100 * cache['reloaded_teacher_test_accuracy']:.2f}%."]
 
-    lines += supplement_lines(name)
+    lines += supplement_lines(name, sweep)
     total_cpu, total_wall = sweep.meta.get("total_cpu_s", 0), sweep.meta.get("total_wall_s", 0)
     lines += ["", "## Run", "",
               f"Command: `{sweep.meta.get('command', '')}`. Whole benchmark: {total_cpu / 60:.1f} min CPU, {total_wall / 60:.1f} min "
@@ -301,44 +314,48 @@ def write_report(sweep: Sweep, s: dict, name: str) -> None:
     log.info("wrote %s", RESULTS_DIR / f"{name}.md")
 
 
-SUPPLEMENTS = {
-    "bench_byot_20ep": "python benchmarks/bench_byot.py --name bench_byot_20ep --epochs 20 --seeds 0 --no-kd --skip-timing",
-    "bench_byot_nofeat": "python benchmarks/bench_byot.py --name bench_byot_nofeat --byot-feature-weight 0 --seeds 0 "
-                         "--no-kd --skip-timing",
+SUPPLEMENTS = {  # name -> what it changes (its own JSON; its runs are paired with the main table's by seed)
+    "bench_byot_conv_exits": ("exits with full 3x3 convolutions (`--byot-exit-bottleneck conv`)",
+                              "python benchmarks/bench_byot.py --name bench_byot_conv_exits --epochs 20 "
+                              "--byot-exit-bottleneck conv --no-supervised --no-kd --skip-timing"),
 }
 
 
-def supplement_lines(name: str) -> list[str]:
-    """Single-seed follow-up runs (own JSON files), summarised in the main report when present."""
+def supplement_lines(name: str, main: Sweep) -> list[str]:
+    """Ablation runs (own JSON files), paired per seed with the main table's BYOT and supervised runs."""
     import json
 
     if name != "bench_byot":
         return []
-    rows = []
-    for sup_name, cmd in SUPPLEMENTS.items():
+    lines = []
+    main_byot, main_sup = main.values("byot"), main.values("supervised")
+    for sup_name, (what, cmd) in SUPPLEMENTS.items():
         path = RESULTS_DIR / f"{sup_name}.json"
         if not path.exists():
             continue
         d = json.loads(path.read_text())
-        st = d["settings"]
-        for seed in st["seeds"]:
-            a = {r["config"]: r for r in d["runs"] if r["seed"] == seed}
-            if "supervised" not in a or "byot" not in a:
-                continue
-            b = a["byot"]["metrics"]
-            rows.append([f"`{cmd}`", st["epochs"], st.get("byot_feature_weight", 0.03), seed,
-                         f"{100 * a['supervised']['accuracy']:.2f}", f"{100 * b['eval_accuracy']:.2f}",
-                         f"{100 * (b['eval_accuracy'] - a['supervised']['accuracy']):+.2f}",
-                         " / ".join(f"{100 * b[f'eval_exit{i}_accuracy']:.2f}" for i in (1, 2, 3)),
-                         f"{100 * b['eval_ensemble_accuracy']:.2f}",
-                         f"{a['byot']['train_cpu_s'] / a['supervised']['train_cpu_s']:.2f}x"])
-    if not rows:
-        return []
-    return ["", "## Follow-up runs (one seed each; indicative only)", "",
-            "Same data and recipe as above, one setting changed. Seed 0 of the main table gave supervised 88.70%, "
-            "BYOT deepest 87.70% at 8 epochs with feature weight 0.03.", "",
-            *md_table(["command", "epochs", "byot_feature_weight", "seed", "supervised %", "BYOT deepest %",
-                       "Δ (points)", "BYOT exits 1 / 2 / 3 %", "BYOT ensemble %", "BYOT / supervised CPU"], rows)]
+        runs = {r["seed"]: r for r in d["runs"] if r["config"] == "byot"}
+        if not runs:
+            continue
+        n_params = next(iter(runs.values()))["trainable_extra_params"]
+        main_params = next(r for r in main.runs if r["config"] == "byot")["trainable_extra_params"]
+        rows = []
+        for seed, r in sorted(runs.items()):
+            m = r["metrics"]
+            rows.append([seed, f"{100 * r['accuracy']:.2f}",
+                         f"{100 * (r['accuracy'] - main_byot[seed]):+.2f}" if seed in main_byot else "-",
+                         f"{100 * (r['accuracy'] - main_sup[seed]):+.2f}" if seed in main_sup else "-",
+                         " / ".join(f"{100 * m[f'eval_exit{i}_accuracy']:.2f}" for i in (1, 2, 3)),
+                         f"{100 * m['eval_ensemble_accuracy']:.2f}", f"{r['train_cpu_s'] / r['epochs']:.1f}"])
+        acc = {k: v["accuracy"] for k, v in runs.items()}
+        lines += ["", f"## Ablation: {what}", "",
+                  f"Same seeds, data and recipe as the main table (`{cmd}`); exits add {n_params:,} parameters "
+                  f"(main table: {main_params:,}).", "",
+                  *md_table(["seed", "BYOT deepest %", "Δ vs main BYOT (points)", "Δ vs supervised (points)",
+                             "exits 1 / 2 / 3 %", "ensemble %", "CPU s / epoch"], rows), "",
+                  f"Mean: {pct_cell(acc)[0]}; vs main BYOT {paired(acc, main_byot)[1]} "
+                  f"({paired(acc, main_byot)[2]} seeds better); vs supervised {paired(acc, main_sup)[1]}."]
+    return lines
 
 
 def main(argv=None) -> None:
@@ -354,6 +371,11 @@ def main(argv=None) -> None:
     p.add_argument("--no-kd", action="store_true", help="no teacher-then-student KD runs")
     p.add_argument("--byot-alpha", type=float, default=None, help="BYOT alpha (library default 0.3)")
     p.add_argument("--byot-feature-weight", type=float, default=None, help="BYOT feature weight (library default 0.03)")
+    p.add_argument("--byot-exit-bottleneck", default=None, choices=["sepconv", "conv"],
+                   help="BYOT exit bottleneck (library default sepconv)")
+    p.add_argument("--byot-feature-reduction", default=None, choices=["sum", "mean"],
+                   help="BYOT feature term reduction (library default sum)")
+    p.add_argument("--no-supervised", action="store_true", help="no supervised runs (ablations pair with the main sweep)")
     p.add_argument("--name", default=None, help="results name (default bench_byot, or bench_byot_quick with --quick)")
     a = p.parse_args(argv)
     setup_logging()
@@ -361,14 +383,14 @@ def main(argv=None) -> None:
     s = {
         "quick": q, "student": a.student, "teacher": a.teacher, "teacher_seed": 0, "lr": a.lr,
         "seeds": a.seeds or ([0, 1] if q else [0, 1, 2]),
-        "epochs": a.epochs or (1 if q else 8),
+        "epochs": a.epochs or (1 if q else 20),
         "train_subset": a.train_subset or (1000 if q else 10000),
         "test_subset": 1000 if q else None,
         "timing_archs": [a.student] if q else [a.student, a.teacher],
         "timing_warmup": 1 if q else 3, "timing_reps": 2 if q else 5, "timing_steps": 2 if q else 6,
         "skip_timing": a.skip_timing,
     }
-    for key in ("no_kd", "byot_alpha", "byot_feature_weight"):  # recorded only when set (keeps old settings valid)
+    for key in ("no_kd", "no_supervised", *BYOT_KEYS):  # recorded only when set (keeps old settings valid)
         value = getattr(a, key)
         if value is not None and value is not False:  # (0.0 is a value: `in (None, False)` would drop it)
             s[key] = getattr(a, key)

@@ -2,8 +2,12 @@
 
 Used by Be Your Own Teacher (METHODS.md section 4). An exit after stage ``i`` is a
 *bottleneck* that brings the stage's features to the deepest feature's shape, then a
-*classifier* (global pooling + linear). Feature maps get strided 3x3 convolutions (one per
-halving of the spatial size) and a 1x1 convolution to the deepest channel count; token
+*classifier* (global pooling + linear). Feature maps get, per halving of the spatial size, a
+depthwise-separable block (depthwise 3x3 stride 2, pointwise 1x1 doubling the channels, BN,
+ReLU between blocks; ``bottleneck="sepconv"``, the default, light like the original SepConv
+exits) and a 1x1 convolution where the deepest channel count is not reached yet; or full
+strided 3x3 convolutions + BN + ReLU and a 1x1 convolution (``"conv"``, ~7x the parameters).
+Both end with BatchNorm (no ReLU) so they can match any F_K. Token
 sequences (ViT/DeiT) get LayerNorm + Linear over channels and classify the class token (or
 the mean token when there is none).
 
@@ -44,6 +48,10 @@ class ExitSpec:
     out_layout: str
     num_classes: int
     num_prefix_tokens: int = 0
+    bottleneck: str = "conv"  # exits saved before "sepconv" existed have no such field
+
+
+BOTTLENECKS = ("sepconv", "conv")
 
 
 def _channels(shape, layout) -> int:
@@ -62,17 +70,32 @@ class ExitHead(nn.Module):
             self.bottleneck = nn.Sequential(nn.LayerNorm(c_in), nn.Linear(c_in, c_out))
             self.norm = nn.LayerNorm(c_out)
         else:
-            layers: list[nn.Module] = []
+            if spec.bottleneck not in BOTTLENECKS:
+                raise ValueError(f"exit bottleneck must be one of {BOTTLENECKS}, got '{spec.bottleneck}'")
             h_in = spec.in_shape[-2] if spec.in_layout == NCHW else spec.in_shape[1]
             h_out = spec.out_shape[-2] if spec.out_layout == NCHW else spec.out_shape[1]
             steps = max(0, int(math.floor(math.log2(max(h_in, 1) / max(h_out, 1)) + 1e-6)))
+            layers: list[nn.Module] = []
             c = c_in
-            for _ in range(steps):
-                c_next = min(c_out, c * 2)
-                layers += [nn.Conv2d(c, c_next, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_next),
-                           nn.ReLU(inplace=True)]
-                c = c_next
-            layers += [nn.Conv2d(c, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+            if spec.bottleneck == "conv":  # the first layout (kept as is: saved exits reload)
+                for _ in range(steps):
+                    c_next = min(c_out, c * 2)
+                    layers += [nn.Conv2d(c, c_next, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_next),
+                               nn.ReLU(inplace=True)]
+                    c = c_next
+                layers += [nn.Conv2d(c, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+            else:
+                for _ in range(steps):
+                    c_next = min(c_out, c * 2)
+                    if layers:
+                        layers.append(nn.ReLU(inplace=True))
+                    layers += [nn.Conv2d(c, c, 3, stride=2, padding=1, groups=c, bias=False),
+                               nn.Conv2d(c, c_next, 1, bias=False), nn.BatchNorm2d(c_next)]
+                    c = c_next
+                if c != c_out or not layers:
+                    if layers:
+                        layers.append(nn.ReLU(inplace=True))
+                    layers += [nn.Conv2d(c, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
             self.bottleneck = nn.Sequential(*layers)
         self.classifier = nn.Linear(c_out, spec.num_classes)
 

@@ -84,6 +84,55 @@ def test_gradients_reach_exits_and_backbone_and_targets_are_detached(data32, mak
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in t.student.layer1.parameters())
 
 
+def test_feature_mean_reduction_averages_over_features(data32, make_args):
+    train, _ = data32
+    batch = collate_images([train[i] for i in range(8)])
+    terms = {}
+    for reduction in ("sum", "mean"):
+        t = _byot(make_args, train, byot_feature_reduction=reduction)
+        t.model.train()  # terms are logged in training; batch-stat BN gives the same output twice
+        with torch.no_grad():
+            out = t.model(pixel_values=batch["pixel_values"])
+        t.compute_loss(t.model, batch)
+        terms[reduction] = t._logged_terms["loss_feature_exit1"][0].item()
+        f1, fk = out["extra"]["exit_features"][0], out["extra"]["deepest_feature"]
+        want = ((f1 - fk) ** 2).mean() if reduction == "mean" else ((f1 - fk) ** 2).flatten(1).sum(1).mean()
+        assert terms[reduction] == pytest.approx(want.item(), rel=1e-5)
+    numel = fk[0].numel()
+    assert terms["sum"] == pytest.approx(terms["mean"] * numel, rel=1e-4)
+
+
+@pytest.mark.parametrize("bottleneck", ["sepconv", "conv"])
+def test_exit_bottleneck_reaches_the_deepest_shape(bottleneck):
+    from hf_distill.exits import ExitHead, ExitSpec
+
+    # a 64-channel 16x16 stage facing a 256-channel 2x2 deepest feature: 3 halvings
+    head = ExitHead(ExitSpec("layer1", (2, 64, 16, 16), "nchw", (2, 256, 2, 2), "nchw", 10, 0, bottleneck))
+    z, f = head(torch.randn(2, 64, 16, 16))
+    assert z.shape == (2, 10) and f.shape == (2, 256, 2, 2)
+    convs = [m for m in head.bottleneck if isinstance(m, nn.Conv2d)]
+    strided = [m for m in convs if m.stride == (2, 2)]
+    assert len(strided) == 3
+    if bottleneck == "sepconv":  # depthwise 3x3 stride 2 then pointwise, doubling channels
+        assert all(m.groups == m.in_channels for m in strided)
+        assert [m.out_channels for m in convs if m.kernel_size == (1, 1)] == [128, 256, 256]
+    assert isinstance(head.bottleneck[-1], nn.BatchNorm2d)  # no ReLU at the end: F_K may be negative
+
+
+def test_sepconv_exits_are_much_lighter_than_conv_exits(data32, make_args):
+    train, _ = data32
+    n = {b: sum(p.numel() for p in _byot(make_args, train, byot_exit_bottleneck=b).extra_modules.parameters())
+         for b in ("sepconv", "conv")}
+    assert n["sepconv"] * 3 < n["conv"]
+
+
+def test_bad_bottleneck_or_reduction_is_refused(make_args):
+    with pytest.raises(ValueError, match="byot_exit_bottleneck"):
+        make_args(distill_method="byot", byot_exit_bottleneck="dense")
+    with pytest.raises(ValueError, match="byot_feature_reduction"):
+        make_args(distill_method="byot", byot_feature_reduction="max")
+
+
 def test_exit_shapes_for_cnn_and_vit_students(data32, make_args):
     import timm
     from transformers import AutoModelForImageClassification, ViTConfig
@@ -161,6 +210,24 @@ def test_export_with_exits_reloads_for_early_exit_and_ensemble(data32, make_args
     assert used.tolist() == [0] * 4 and torch.allclose(logits, out["extra"]["exit_logits"][0], atol=1e-5)
     logits, used = m(x, early_exit_threshold=1.01)  # nothing is confident enough: deepest
     assert used.tolist() == [3] * 4 and torch.allclose(logits, student(x), atol=1e-5)
+
+
+def test_exits_saved_without_a_bottleneck_field_reload_as_conv(data32, make_args, tmp_path):
+    import json
+
+    train, _ = data32
+    t = _byot(make_args, train, max_steps=1, byot_export_exits=True, byot_exit_bottleneck="conv")
+    t.train()
+    t.save_model(str(tmp_path / "old"))
+    config_path = tmp_path / "old" / "exits_config.json"
+    config = json.loads(config_path.read_text())
+    for e in config["exits"]:
+        assert e.pop("bottleneck") == "conv"  # as written before the field existed
+    config_path.write_text(json.dumps(config))
+    m = MultiExitModel.from_pretrained(str(tmp_path / "old"))
+    x = torch.randn(3, 1, 32, 32)
+    out = t.model.eval()(pixel_values=x)
+    assert torch.allclose(m(x, early_exit_threshold=0.0)[0], out["extra"]["exit_logits"][0], atol=1e-5)
 
 
 class _Counting(nn.Module):

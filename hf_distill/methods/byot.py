@@ -6,7 +6,8 @@ Exits attach after the student's sections (its stages, from :mod:`hf_distill.sta
     L = CE(z_K, y) + sum_i [ (1 - a) CE(z_i, y) + a T^2 KL(p_K || p_i) + lam ||F_i - F_K||^2 ]
 
 with ``z_K`` and ``F_K`` detached, ``a = byot_alpha``, ``lam = byot_feature_weight``;
-``||.||^2`` is summed over a sample's features and averaged over the batch. With an external
+``||.||^2`` is summed over a sample's features and averaged over the batch
+(``byot_feature_reduction="mean"`` averages over the features instead). With an external
 teacher, the deepest classifier's term becomes KD from it (``alpha``, ``distill_loss``).
 """
 
@@ -37,6 +38,16 @@ class BYOTArguments:
     byot_feature_weight: float = field(
         default=0.03, metadata={"help": "BYOT: weight lambda of the feature term ||F_i - F_K||^2 (0.03)."}
     )
+    byot_exit_bottleneck: str = field(
+        default="sepconv",
+        metadata={"help": "BYOT: exit bottleneck for feature maps: 'sepconv' (depthwise-separable, light; default) "
+                  "or 'conv' (full 3x3 convolutions, ~7x the parameters).", "choices": ["sepconv", "conv"]},
+    )
+    byot_feature_reduction: str = field(
+        default="sum",
+        metadata={"help": "BYOT: ||F_i - F_K||^2 summed over a sample's features ('sum', METHODS.md) or averaged "
+                  "over them ('mean': the term no longer grows with the feature size).", "choices": ["sum", "mean"]},
+    )
     byot_export_exits: bool = field(
         default=False,
         metadata={"help": "BYOT: save_model also writes the exits (MultiExitModel.from_pretrained: early exit, "
@@ -65,6 +76,10 @@ class BeYourOwnTeacher(DistillationMethod):
             return
         if not 0.0 <= args.byot_alpha <= 1.0 or args.byot_feature_weight < 0:
             raise ValueError("byot_alpha must be in [0, 1] and byot_feature_weight >= 0")
+        if args.byot_exit_bottleneck not in ("sepconv", "conv"):
+            raise ValueError(f"byot_exit_bottleneck must be 'sepconv' or 'conv', got '{args.byot_exit_bottleneck}'")
+        if args.byot_feature_reduction not in ("sum", "mean"):
+            raise ValueError(f"byot_feature_reduction must be 'sum' or 'mean', got '{args.byot_feature_reduction}'")
 
     def setup(self, student, teachers):
         from ..stages import UnsupportedModelError, stage_names
@@ -94,7 +109,7 @@ class BeYourOwnTeacher(DistillationMethod):
         for i, layer in enumerate(self.exit_layers):
             shape, layout = probe["student"][layer]
             exits[f"exit{i + 1}"] = ExitHead(ExitSpec(layer, shape, layout, out_shape, self._deepest_layout,
-                                                      n_classes, self._prefix))
+                                                      n_classes, self._prefix, self.args.byot_exit_bottleneck))
         return exits
 
     def forward_modules(self, modules, features):
@@ -119,10 +134,12 @@ class BeYourOwnTeacher(DistillationMethod):
         total = deep
         target_logits = z_k.detach()
         target_feature = out.extra_outputs["deepest_feature"].detach()
+        per_sample_sum = self.args.byot_feature_reduction == "sum"
         for i, (z_i, f_i) in enumerate(zip(out.extra_outputs["exit_logits"], out.extra_outputs["exit_features"])):
             ce = F.cross_entropy(z_i.float(), out.labels)
             kl = soft_kl(z_i, target_logits, T)
-            feat = (f_i.float() - target_feature.float()).pow(2).flatten(1).sum(1).mean()
+            sq = (f_i.float() - target_feature.float()).pow(2)
+            feat = sq.flatten(1).sum(1).mean() if per_sample_sum else sq.mean()
             total = total + (1 - a) * ce + a * kl + lam * feat
             terms.update({f"loss_ce_exit{i + 1}": ce.detach(), f"loss_kd_exit{i + 1}": kl.detach(),
                           f"loss_feature_exit{i + 1}": feat.detach()})
@@ -144,5 +161,6 @@ class BeYourOwnTeacher(DistillationMethod):
     def hyperparameters(self):
         a = self.args
         return {"exits": self.exit_layers, "deepest_feature": self.deepest_layer, "byot_alpha": a.byot_alpha,
-                "byot_feature_weight": a.byot_feature_weight, "temperature": a.temperature,
+                "byot_feature_weight": a.byot_feature_weight, "byot_feature_reduction": a.byot_feature_reduction,
+                "byot_exit_bottleneck": a.byot_exit_bottleneck, "temperature": a.temperature,
                 "byot_export_exits": a.byot_export_exits}
