@@ -360,6 +360,10 @@ def num_prefix_tokens(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+class _TapsComplete(Exception):
+    """Raised by a tap hook to stop a forward once every tapped layer has run."""
+
+
 class FeatureTaps:
     """Records the outputs of named submodules on every forward pass.
 
@@ -399,6 +403,7 @@ class FeatureTaps:
             self._overrides[name] = _check_layout(layout)
         self._layouts: dict[str, str] = dict(self._overrides)
         self._features: dict[str, torch.Tensor] = {}
+        self._stop_when_complete = False
         # One hook per module object, storing under every name it was tapped as.
         by_module: dict[int, tuple[nn.Module, list[str]]] = {}
         for name, module in modules.items():
@@ -426,8 +431,28 @@ class FeatureTaps:
                         f"layer {name!r} gave a {t.ndim}-D output {tuple(t.shape)} but its layout is "
                         f"{self._layouts[name]!r} ({_NDIM[self._layouts[name]]}-D)"
                     )
+            if self._stop_when_complete and len(store) == len(self._layers):
+                raise _TapsComplete
 
         return hook
+
+    def run_until_complete(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Call ``fn`` (a forward of the tapped model) but stop it as soon as every tapped layer
+        has produced its output; the layers after them do not run. Returns :meth:`pop`.
+
+        The stop is raised from the tap's hook, so forward hooks registered later on the last
+        tapped module do not run either (pre-hooks do)."""
+        self._stop_when_complete = True
+        try:
+            fn(*args, **kwargs)
+        except _TapsComplete:
+            pass
+        finally:
+            self._stop_when_complete = False
+        missing = [n for n in self._layers if n not in self._features]
+        if missing:
+            raise RuntimeError(f"the forward finished without running the tapped layers {missing}")
+        return self.pop()
 
     @property
     def layers(self) -> list[str]:

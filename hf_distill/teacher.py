@@ -66,17 +66,6 @@ class Teachers(nn.Module):
         )
         # Hint features come from the first teacher (the one a method's layer names refer to).
         self._taps = FeatureTaps(self.models[0], layers, detach=True) if layers and len(self.models) else None
-        self._features_only = False
-        if self._taps is not None:
-            # When only features are wanted, stop the teacher's forward once every tapped layer has run.
-            from .taps import resolve_module
-
-            for name in self._taps.layers:
-                resolve_module(self.models[0], name).register_forward_hook(self._stop_when_complete)
-
-    def _stop_when_complete(self, module, args, output):
-        if self._features_only and len(self._taps._features) == len(self._taps.layers):
-            raise _FeaturesComplete
 
     def pop_features(self) -> dict[str, torch.Tensor]:
         return self._taps.pop() if self._taps is not None else {}
@@ -91,14 +80,8 @@ class Teachers(nn.Module):
     @torch.no_grad()
     def features_only(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """The first teacher's tapped features, running it only as far as the deepest tapped layer."""
-        self._features_only = True
-        try:
-            call_model(self.models[0], self.adapters[0](pixel_values).to(_dtype_of(self.models[0])))
-        except _FeaturesComplete:
-            pass
-        finally:
-            self._features_only = False
-        return self.pop_features()
+        x = self.adapters[0](pixel_values).to(_dtype_of(self.models[0]))
+        return self._taps.run_until_complete(call_model, self.models[0], x)
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, which: Sequence[int] | None = None) -> list[torch.Tensor]:
@@ -113,10 +96,6 @@ class Teachers(nn.Module):
                 x = x.to(weight.dtype)
             outs.append(call_model(teacher, x).float())
         return outs
-
-
-class _FeaturesComplete(Exception):
-    """Raised inside a teacher's forward once the wanted features exist (never escapes Teachers)."""
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:

@@ -53,9 +53,14 @@ class DistillationModel(nn.Module):
         self._method = method  # plain attributes: not modules, not saved
         self._taps = FeatureTaps(student, layers) if layers else None
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
-        logits = call_model(self.student, pixel_values)
-        features = self._taps.pop() if self._taps is not None else {}
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
+                features_only: bool = False) -> dict[str, Any]:
+        """``features_only``: run the student only up to its last tapped layer (logits None)."""
+        if features_only and self._taps is not None:
+            logits, features = None, self._taps.run_until_complete(call_model, self.student, pixel_values)
+        else:
+            logits = call_model(self.student, pixel_values)
+            features = self._taps.pop() if self._taps is not None else {}
         extra = self._method.forward_modules(self.extras, features) if len(self.extras) else {}
         return {"logits": logits, "features": features, "extra": extra}
 
@@ -273,7 +278,10 @@ class DistillationTrainer(Trainer):
         progress = self.progress
         if model.training:
             self.method.prepare_student(self.student, progress)
-        out = model(pixel_values=pixel_values)
+        if model.training and not self.method.student_logits_needed(progress):
+            out = model(pixel_values=pixel_values, features_only=True)  # e.g. FitNets stage 1
+        else:
+            out = model(pixel_values=pixel_values)
         cached = inputs.get("teacher_logits")
         if cached is not None and model.training and self.method.uses_teacher and not self.method.teacher_layers():
             # soft labels read from a teacher-output cache: the teacher does not run at all
@@ -283,9 +291,10 @@ class DistillationTrainer(Trainer):
                 self.teacher_outputs(pixel_values, training=model.training) if self.method.uses_teacher
                 else (None, {})
             )
-        if teacher_logits is not None and teacher_logits.shape[-1] != out["logits"].shape[-1]:
+        n_student = out["logits"].shape[-1] if out["logits"] is not None else None
+        if teacher_logits is not None and n_student is not None and teacher_logits.shape[-1] != n_student:
             raise ValueError(
-                f"class-count mismatch: the student outputs {out['logits'].shape[-1]} logits but the teacher "
+                f"class-count mismatch: the student outputs {n_student} logits but the teacher "
                 f"outputs {teacher_logits.shape[-1]}"
             )
         step = StepOutputs(

@@ -16,10 +16,12 @@ from conftest import tiny_spec, tiny_timm  # noqa: E402
 from hf_distill import DistillationTrainer, DistillationTrainingArguments  # noqa: E402
 from hf_distill.data import digits_dataset, with_image_transform  # noqa: E402
 
-METHODS = {
-    "kd": {},
-    "fitnets": {"hint_layers": ["layer1:layer2"], "hint_epochs": 0.0, "hint_weight": 1.0},
-    "byot": {},
+METHODS = {  # run name -> arguments
+    "kd": {"distill_method": "kd"},
+    "fitnets": {"distill_method": "fitnets", "hint_layers": ["layer1:layer2"], "hint_epochs": 0.0, "hint_weight": 1.0},
+    # stage 1 only: the student stops after layer1 inside the DDP-wrapped forward
+    "fitnets_stage1": {"distill_method": "fitnets", "hint_layers": ["layer1:layer2"], "hint_epochs": 100.0},
+    "byot": {"distill_method": "byot"},
 }
 
 
@@ -32,13 +34,13 @@ def main(out_path: str, batch: int, accum: int) -> None:
     results = {}
     for method, extra in METHODS.items():
         args = DistillationTrainingArguments(
-            output_dir=os.path.join(os.path.dirname(out_path), f"run_{method}"), distill_method=method,
+            output_dir=os.path.join(os.path.dirname(out_path), f"run_{method}"),
             per_device_train_batch_size=batch, gradient_accumulation_steps=accum, per_device_eval_batch_size=8,
             max_steps=3, learning_rate=1e-2, lr_scheduler_type="constant", save_strategy="no", report_to=[],
             use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0, logging_steps=1,
             **extra,
         )
-        teacher = None if method == "byot" else tiny_timm("resnet18", seed=2, spec=spec)
+        teacher = None if extra["distill_method"] == "byot" else tiny_timm("resnet18", seed=2, spec=spec)
         trainer = DistillationTrainer(model=tiny_timm(seed=1, spec=spec), teacher_model=teacher, args=args,
                                       train_dataset=train, eval_dataset=evaluation)
         trainer.train()

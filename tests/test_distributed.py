@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
     return torch.load(two, weights_only=False), torch.load(one, weights_only=False), tmp
 
 
-@pytest.mark.parametrize("method", ["kd", "fitnets", "byot"])
+@pytest.mark.parametrize("method", ["kd", "fitnets", "fitnets_stage1", "byot"])
 def test_two_processes_match_one_process(runs, method):
     two, one, _ = runs
     assert two[method]["world"] == 2 and one[method]["world"] == 1

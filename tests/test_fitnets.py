@@ -162,11 +162,17 @@ def test_auto_pairs_the_middle_stages(digits_small, make_args):
     assert trainer.method.pairs == [("layer3", "layer3")]
 
 
-def test_stage1_runs_the_teacher_only_up_to_its_hint_layer(digits_small, make_args):
+def test_stage1_runs_both_models_only_up_to_their_hint_layers(digits_small, make_args):
     train, _ = digits_small
     trainer = _trainer(make_args, train, max_steps=-1, num_train_epochs=2, hint_epochs=1.0)
-    teacher = trainer.teachers.models[0]
-    calls = []
-    teacher.classifier.register_forward_hook(lambda m, i, o: calls.append(trainer.state.epoch))
+    teacher, student = trainer.teachers.models[0], trainer.student
+    calls = {"teacher_head": [], "student_later": [], "student_hint": []}
+    teacher.classifier.register_forward_hook(lambda m, i, o: calls["teacher_head"].append(trainer.state.epoch))
+    student.layer2.register_forward_hook(lambda m, i, o: calls["student_later"].append(trainer.state.epoch))
+    # (a pre-hook: the tap's own forward hook stops the forward before later forward hooks run)
+    student.layer1.register_forward_pre_hook(lambda m, i: calls["student_hint"].append(trainer.state.epoch))
     trainer.train()
-    assert calls and min(calls) >= 1.0 - 1e-6  # the head never ran during stage 1
+    # neither head nor any later student stage ran during stage 1, and both ran in stage 2
+    assert calls["teacher_head"] and min(calls["teacher_head"]) >= 1.0 - 1e-6
+    assert calls["student_later"] and min(calls["student_later"]) >= 1.0 - 1e-6
+    assert min(calls["student_hint"]) < 0.5  # the guided layer did run in stage 1

@@ -235,6 +235,30 @@ def test_detach_and_pop_clear():
     taps.remove()
 
 
+def test_run_until_complete_stops_the_forward_after_the_tapped_layers():
+    model = timm_resnet().eval()
+    x = _x()
+    later = []
+    model.layer3.register_forward_hook(lambda m, i, o: later.append(1))
+    taps = FeatureTaps(model, ["layer1", "layer2"])
+    feats = taps.run_until_complete(model, x)
+    assert later == [] and set(feats) == {"layer1", "layer2"} and taps.features == {}
+    with torch.no_grad():
+        want = model.layer2(model.layer1(model.maxpool(model.act1(model.bn1(model.conv1(x))))))
+    assert torch.allclose(feats["layer2"], want)
+    out = model(x)  # a normal forward afterwards runs the whole model
+    assert later == [1] and out.shape[0] == x.shape[0]
+    taps.remove()
+
+
+def test_run_until_complete_reports_tapped_layers_that_never_ran():
+    model = timm_resnet().eval()
+    taps = FeatureTaps(model, ["layer1", "fc"])
+    with pytest.raises(RuntimeError, match="fc"):
+        taps.run_until_complete(model.forward_features, _x())  # the head is not part of forward_features
+    taps.remove()
+
+
 def test_store_holds_only_the_last_forward():
     model = timm_resnet()
     taps = FeatureTaps(model, ["layer1", "layer2"])

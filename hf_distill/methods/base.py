@@ -32,7 +32,7 @@ class Progress:
 class StepOutputs:
     """Everything a method may need to compute one batch's loss."""
 
-    student_logits: torch.Tensor
+    student_logits: torch.Tensor | None  # None when the method asked for features only
     labels: torch.Tensor | None
     teacher_logits: torch.Tensor | None = None
     student_features: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -96,6 +96,11 @@ class DistillationMethod:
 
     def teacher_logits_needed(self, progress: Progress) -> bool:
         """False when the loss uses only teacher features: the teacher then stops at its last tapped layer."""
+        return True
+
+    def student_logits_needed(self, progress: Progress) -> bool:
+        """False when the loss uses only the student's tapped features: its training forward then
+        stops at its last tapped layer (``student_logits`` is None)."""
         return True
 
     def prepare_student(self, student: nn.Module, progress: Progress) -> None:

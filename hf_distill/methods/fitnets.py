@@ -212,7 +212,7 @@ class FitNets(DistillationMethod):
                 "targets": [modules[str(i)].target for i in range(len(self.pairs))]}
 
     def _hint(self, out: StepOutputs) -> torch.Tensor:
-        total = out.student_logits.new_zeros((), dtype=torch.float32)
+        total = 0.0
         for (_, t), pred, target in zip(self.pairs, out.extra_outputs["regressed"], out.extra_outputs["targets"]):
             total = total + hint_loss(pred, target(out.teacher_features[t]))
         return total
@@ -240,6 +240,9 @@ class FitNets(DistillationMethod):
 
     def teacher_logits_needed(self, progress):
         return not self.in_stage1(progress)  # stage 1 uses hints only
+
+    def student_logits_needed(self, progress):
+        return not self.in_stage1(progress)  # stage 1: the student stops after its guided layers
 
     def prepare_student(self, student, progress):
         if self.in_stage1(progress):
