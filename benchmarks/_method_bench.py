@@ -268,25 +268,39 @@ def environment() -> dict:
 
 
 class Sweep:
-    """(config, seed) results kept in ``results/<name>.json`` as they finish; same settings: resume."""
+    """(config, seed) results kept in ``results/<name>.json`` as they finish; same settings: resume.
+
+    Several processes may fill one sweep at once (e.g. different seeds on the two cores): each
+    save merges, under a file lock, the runs and extras already in the file with this process's.
+    ``meta["invocations"]`` keeps each process's CPU and wall seconds.
+    """
 
     def __init__(self, name: str, settings: dict):
         self.name = name
         self.path = RESULTS_DIR / f"{name}.json"
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        old = json.loads(self.path.read_text()) if self.path.exists() else {}
-        same = old.get("settings") == json.loads(json.dumps(settings))
-        self.runs: list[dict] = old.get("runs", []) if same else []
-        self.extra: dict = old.get("extra", {}) if same else {}
-        self.settings = settings
+        self.settings = json.loads(json.dumps(settings))
+        old = self._read()
+        self.runs: list[dict] = old.get("runs", [])
+        self.extra: dict = old.get("extra", {})
         now = {"git": git_state(), "environment": environment(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        first = old.get("meta", {}) if same and self.runs else {}
+        first = old.get("meta", {}) if self.runs else {}
         # git state and machine load of the invocation that produced the first runs; the latest one apart
         self.meta = {k: first.get(k, now[k]) for k in now}
         self.meta["last_invocation"] = now
+        self.meta["invocations"] = dict(old.get("meta", {}).get("invocations", {}))
+        self.key = f"{now['started']} pid {os.getpid()}"
         self.t0_cpu, self.t0_wall = time.process_time(), time.perf_counter()
-        self.prev_cpu = old.get("meta", {}).get("total_cpu_s", 0.0) if same else 0.0
-        self.prev_wall = old.get("meta", {}).get("total_wall_s", 0.0) if same else 0.0
+
+    def _read(self) -> dict:
+        """The file's content when it holds these settings, else nothing."""
+        old = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if old.get("settings") != self.settings:
+            return {}
+        meta = old.get("meta", {})
+        if "invocations" not in meta and "total_cpu_s" in meta:  # written before invocations were kept
+            meta["invocations"] = {"earlier": {"cpu_s": meta["total_cpu_s"], "wall_s": meta["total_wall_s"]}}
+        return old
 
     def get(self, config: str, seed: int) -> dict | None:
         for r in self.runs:
@@ -303,10 +317,24 @@ class Sweep:
         return result
 
     def save(self) -> None:
-        self.meta["total_cpu_s"] = self.prev_cpu + time.process_time() - self.t0_cpu
-        self.meta["total_wall_s"] = self.prev_wall + time.perf_counter() - self.t0_wall
-        self.path.write_text(json.dumps({"settings": self.settings, "meta": self.meta, "extra": self.extra,
-                                         "runs": self.runs}, indent=1, default=str))
+        import fcntl
+
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            disk = self._read()
+            mine = {(r["config"], r["seed"]) for r in self.runs}
+            self.runs += [r for r in disk.get("runs", []) if (r["config"], r["seed"]) not in mine]
+            self.extra = {**disk.get("extra", {}), **self.extra}
+            invocations = {**disk.get("meta", {}).get("invocations", {}), **self.meta["invocations"]}
+            invocations[self.key] = {"cpu_s": time.process_time() - self.t0_cpu,
+                                     "wall_s": time.perf_counter() - self.t0_wall, "command": self.meta.get("command")}
+            self.meta["invocations"] = invocations
+            self.meta["total_cpu_s"] = sum(v["cpu_s"] for v in invocations.values())
+            self.meta["total_wall_s"] = sum(v["wall_s"] for v in invocations.values())
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"settings": self.settings, "meta": self.meta, "extra": self.extra,
+                                       "runs": self.runs}, indent=1, default=str))
+            tmp.replace(self.path)
 
     def values(self, config: str, key: str = "accuracy", metric: str | None = None) -> dict[int, float]:
         out = {}

@@ -1,6 +1,6 @@
 """Be Your Own Teacher (BYOT) on Fashion-MNIST: accuracy of every exit, and its training cost.
 
-    python benchmarks/bench_byot.py            # full run, 20 epochs (~70 min of CPU at 1 thread)
+    python benchmarks/bench_byot.py            # full run, 12 epochs (~50 min of CPU at 1 thread)
     python benchmarks/bench_byot.py --quick    # smoke run (a few minutes); writes bench_byot_quick.*
 
 Same network (timm ``resnet10t``, ``in_chans=1``, random init, 28x28), same data, same epochs and
@@ -52,13 +52,14 @@ from hf_distill.data import collate_images  # noqa: E402
 
 
 # ============================================================================ runs
+PARTS = ("accuracy", "kd", "timing")
 BYOT_KEYS = ("byot_alpha", "byot_feature_weight", "byot_exit_bottleneck", "byot_feature_reduction")
 
 
-def run_accuracy(sweep: Sweep, s: dict, work: Path) -> None:
+def run_accuracy(sweep: Sweep, s: dict, seeds: list[int], work: Path) -> None:
     xtr, ytr, xte, yte = data(s["train_subset"], s["test_subset"])
     train_ds, test_ds = FlipImages(xtr, ytr, hflip=True), FlipImages(xte, yte)
-    for seed in s["seeds"]:  # supervised and BYOT of one seed back to back (similar machine load)
+    for seed in seeds:  # supervised and BYOT of one seed back to back (similar machine load)
         for config, method in (("supervised", "supervised"), ("byot", "byot")):
             if sweep.get(config, seed) or (config == "supervised" and s.get("no_supervised")):
                 continue
@@ -66,9 +67,11 @@ def run_accuracy(sweep: Sweep, s: dict, work: Path) -> None:
             args = make_args(str(work / f"{config}_s{seed}"), method, s["epochs"], seed, s["lr"], **kw)
             sweep.add(config, seed, train_eval(make_timm(s["student"], seed), None, args, train_ds, test_ds))
 
-    if s.get("no_kd"):
-        return
-    # ---- teacher-then-student KD
+
+def run_kd(sweep: Sweep, s: dict, seeds: list[int], work: Path) -> None:
+    """Teacher-then-student: the teacher (once), its logits on every training view, KD students."""
+    xtr, ytr, xte, yte = data(s["train_subset"], s["test_subset"])
+    train_ds, test_ds = FlipImages(xtr, ytr, hflip=True), FlipImages(xte, yte)
     teacher_dir = work / "teacher"
     if not (sweep.get("teacher", s["teacher_seed"]) and (teacher_dir / "config.json").exists()):
         sweep.runs = [r for r in sweep.runs if r["config"] not in ("teacher", "kd")]
@@ -84,7 +87,7 @@ def run_accuracy(sweep: Sweep, s: dict, work: Path) -> None:
     sweep.extra["teacher_cache"] = {"cpu_s": cache_cpu, "wall_s": cache_wall, "images": 2 * len(xtr),
                                     "reloaded_teacher_test_accuracy": acc_reloaded}
     kd_ds = FlipImages(xtr, ytr, hflip=True, logits=logits)
-    for seed in s["seeds"]:
+    for seed in seeds:
         if sweep.get("kd", seed):
             continue
         args = make_args(str(work / f"kd_s{seed}"), "kd", s["epochs"], seed, s["lr"])
@@ -188,7 +191,8 @@ def write_report(sweep: Sweep, s: dict, name: str) -> None:
         f"Fashion-MNIST training images (subset seed 0, the same for every run), 28x28 grey, random horizontal flips; "
         f"test: {s['test_subset'] or 10000:,} test images. Every run: {s['epochs']} epochs, batch 128, AdamW lr "
         f"{s['lr']}, weight decay 0.05, cosine schedule, 3% warm-up, one evaluation at the end. Seeds: "
-        f"{', '.join(map(str, s['seeds']))} (all runs reported).", "",
+        f"{', '.join(map(str, sorted({r['seed'] for r in sweep.runs if r['config'] != 'teacher'})))} "
+        "(all runs reported).", "",
         "- **supervised**: `distill_method=\"supervised\"`.",
         "- **BYOT**: `distill_method=\"byot\"`, exits after `layer1`, `layer2`, `layer3` (bottleneck = "
         + BOTTLENECK_TEXT[s.get("byot_exit_bottleneck", "sepconv")] + ", then pooling + linear); deepest "
@@ -307,17 +311,20 @@ def write_report(sweep: Sweep, s: dict, name: str) -> None:
 
     lines += supplement_lines(name, sweep)
     total_cpu, total_wall = sweep.meta.get("total_cpu_s", 0), sweep.meta.get("total_wall_s", 0)
+    commands = [v["command"] for v in sweep.meta.get("invocations", {}).values() if v.get("command")]
+    commands = list(dict.fromkeys(commands)) or [sweep.meta.get("command", "")]
     lines += ["", "## Run", "",
-              f"Command: `{sweep.meta.get('command', '')}`. Whole benchmark: {total_cpu / 60:.1f} min CPU, {total_wall / 60:.1f} min "
-              "wall (over all invocations that produced these runs).", "", *env_lines(sweep), ""]
+              f"Commands (processes that filled this sweep, some side by side on the 2 cores): "
+              f"{'; '.join(f'`{c}`' for c in commands)}. Whole benchmark: {total_cpu / 60:.1f} min CPU, "
+              f"{total_wall / 60:.1f} min wall, summed over the processes.", "", *env_lines(sweep), ""]
     (RESULTS_DIR / f"{name}.md").write_text("\n".join(lines))
     log.info("wrote %s", RESULTS_DIR / f"{name}.md")
 
 
 SUPPLEMENTS = {  # name -> what it changes (its own JSON; its runs are paired with the main table's by seed)
     "bench_byot_conv_exits": ("exits with full 3x3 convolutions (`--byot-exit-bottleneck conv`)",
-                              "python benchmarks/bench_byot.py --name bench_byot_conv_exits --epochs 20 "
-                              "--byot-exit-bottleneck conv --no-supervised --no-kd --skip-timing"),
+                              "python benchmarks/bench_byot.py --name bench_byot_conv_exits "
+                              "--byot-exit-bottleneck conv --no-supervised --parts accuracy"),
 }
 
 
@@ -367,8 +374,12 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--student", default="resnet10t")
     p.add_argument("--teacher", default="resnet18")
-    p.add_argument("--skip-timing", action="store_true", help="no interleaved step timing")
-    p.add_argument("--no-kd", action="store_true", help="no teacher-then-student KD runs")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="what to run (default all). Runs of one sweep can be split over processes, e.g. "
+                   "`--parts accuracy timing --seeds 0 1` beside `--parts accuracy kd --seeds 2`: they share "
+                   "results/<name>.json (merged under a lock); --seeds picks the seeds of accuracy and kd")
+    p.add_argument("--skip-timing", action="store_true", help="no interleaved step timing (= leave out the timing part)")
+    p.add_argument("--no-kd", action="store_true", help="no teacher-then-student KD runs (= leave out the kd part)")
     p.add_argument("--byot-alpha", type=float, default=None, help="BYOT alpha (library default 0.3)")
     p.add_argument("--byot-feature-weight", type=float, default=None, help="BYOT feature weight (library default 0.03)")
     p.add_argument("--byot-exit-bottleneck", default=None, choices=["sepconv", "conv"],
@@ -382,15 +393,13 @@ def main(argv=None) -> None:
     q = a.quick
     s = {
         "quick": q, "student": a.student, "teacher": a.teacher, "teacher_seed": 0, "lr": a.lr,
-        "seeds": a.seeds or ([0, 1] if q else [0, 1, 2]),
-        "epochs": a.epochs or (1 if q else 20),
+        "epochs": a.epochs or (1 if q else 12),
         "train_subset": a.train_subset or (1000 if q else 10000),
         "test_subset": 1000 if q else None,
         "timing_archs": [a.student] if q else [a.student, a.teacher],
         "timing_warmup": 1 if q else 3, "timing_reps": 2 if q else 5, "timing_steps": 2 if q else 6,
-        "skip_timing": a.skip_timing,
     }
-    for key in ("no_kd", "no_supervised", *BYOT_KEYS):  # recorded only when set (keeps old settings valid)
+    for key in ("no_supervised", *BYOT_KEYS):  # recorded only when set (keeps old settings valid)
         value = getattr(a, key)
         if value is not None and value is not False:  # (0.0 is a value: `in (None, False)` would drop it)
             s[key] = getattr(a, key)
@@ -398,8 +407,13 @@ def main(argv=None) -> None:
     sweep = Sweep(name, s)
     sweep.meta["command"] = "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     work = CACHE_ROOT / name
-    run_accuracy(sweep, s, work)
-    if not a.skip_timing:
+    seeds = a.seeds or ([0, 1] if q else [0, 1, 2])
+    parts = [x for x in a.parts if not (x == "timing" and a.skip_timing) and not (x == "kd" and a.no_kd)]
+    if "accuracy" in parts:
+        run_accuracy(sweep, s, seeds, work)
+    if "kd" in parts:
+        run_kd(sweep, s, seeds, work)
+    if "timing" in parts:
         run_timing(sweep, s)
     sweep.save()
     write_report(sweep, s, name)
