@@ -1033,8 +1033,12 @@ def main(argv=None):
     # part 2
     from hf_distill.teacher import Teachers
 
+    from hf_distill.taps import FeatureTaps
+
     teacher_stage1 = ("its teacher stops after the last hint layer (`Teachers.features_only`)"
                       if hasattr(Teachers, "features_only") else "it runs the whole teacher")
+    student_stage1 = ("stops the student after its guided layer (`FeatureTaps.run_until_complete`)"
+                      if hasattr(FeatureTaps, "run_until_complete") else "runs the whole student")
     def_notes = [
         "* **timm `LogitDistillationTask`**: `task_loss_weight * CE + distill_loss_weight * T^2 * KL(batchmean, "
         "log-target)`; with only `task_loss_weight` given, `distill = 1 - task`; with neither, both are 1 (a sum, "
@@ -1058,8 +1062,8 @@ def main(argv=None):
         "(`sequential`), regresses with `ConvReg` (1x1 conv *with* bias + BN, ReLU optional) and sums the squared "
         "error over the whole batch (`MSELoss(reduction='sum')`). Aligned: `uses_relu=False`, the conv bias "
         "zeroed, the conv / BN weights copied from hf_distill's regressor (1x1 conv without bias + BN), "
-        f"term weight `1 / (2 B)`. hf_distill's stage 1 taps the layers with forward hooks and runs the whole "
-        f"student; {teacher_stage1}.",
+        f"term weight `1 / (2 B)`. hf_distill's stage 1 taps the layers with forward hooks and "
+        f"{student_stage1}; {teacher_stage1}.",
     ]
     loss_rows, time_rows, verdicts = [], [], []
     for key, r in p2.items():

@@ -279,3 +279,42 @@ def test_byot_composes_with_an_external_teacher(data32, make_args):
     t.train()
     logs = [h for h in t.state.log_history if "loss" in h]
     assert "loss_kd_deepest" in logs[-1] and "loss_ce_exit1" in logs[-1]
+
+
+def test_byot_composes_with_fitnets_hints(data32, make_args):
+    from hf_distill.losses import hint_loss
+
+    train, _ = data32
+    teacher = tiny_hf_resnet(seed=2, spec=SPEC32)
+    t = DistillationTrainer(model=tiny_timm(seed=1, spec=SPEC32), teacher_model=teacher, train_dataset=train,
+                            args=make_args(distill_method="byot", hint_layers=["layer2:resnet.encoder.stages.1"],
+                                           hint_weight=0.5, byot_exits="auto", logging_steps=1, max_steps=2))
+    assert t.method.exit_layers == ["layer1", "layer2", "layer3"]
+    assert set(t.extra_modules) == {"exit1", "exit2", "exit3", "hint0"}
+    batch = collate_images([train[i] for i in range(8)])
+    t.model.train()
+    loss = t.compute_loss(t.model, batch)
+    out = t.model(pixel_values=batch["pixel_values"])
+    with torch.no_grad():
+        hidden = teacher(pixel_values=t.teachers.adapters[0](batch["pixel_values"]), output_hidden_states=True)
+    want_hint = hint_loss(out["extra"]["hints"]["regressed"][0], hidden.hidden_states[2])
+    assert t._logged_terms["loss_hint"][-1].item() == pytest.approx(want_hint.item(), rel=1e-5)
+    # the hint is the only difference from BYOT + KD: remove it and the loss drops by hint_weight * hint
+    t.method.hints, hints = None, t.method.hints
+    without = t.compute_loss(t.model, batch).item()  # train-mode BN: the same batch gives the same forward
+    t.method.hints = hints
+    assert loss.item() - 0.5 * want_hint.item() == pytest.approx(without, rel=1e-5)
+    loss.backward()
+    assert t.extra_modules["hint0"].proj[0].weight.grad.abs().sum() > 0  # the regressor is trained
+    t.train()
+    assert "loss_hint" in [h for h in t.state.log_history if "loss" in h][-1]
+
+
+def test_byot_hints_need_a_weight_a_teacher_and_no_stage1(data32, make_args):
+    train, _ = data32
+    with pytest.raises(ValueError, match="hint_weight"):
+        make_args(distill_method="byot", hint_layers=["layer2:layer2"])
+    with pytest.raises(ValueError, match="hint_epochs"):
+        make_args(distill_method="byot", hint_layers=["layer2:layer2"], hint_weight=1.0, hint_epochs=1.0)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        _byot(make_args, train, hint_layers=["layer2:layer2"], hint_weight=1.0)

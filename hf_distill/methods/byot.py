@@ -8,7 +8,8 @@ Exits attach after the student's sections (its stages, from :mod:`hf_distill.sta
 with ``z_K`` and ``F_K`` detached, ``a = byot_alpha``, ``lam = byot_feature_weight``;
 ``||.||^2`` is summed over a sample's features and averaged over the batch
 (``byot_feature_reduction="mean"`` averages over the features instead). With an external
-teacher, the deepest classifier's term becomes KD from it (``alpha``, ``distill_loss``).
+teacher, the deepest classifier's term becomes KD from it (``alpha``, ``distill_loss``), and
+``hint_layers`` add FitNets hints from it (``+ hint_weight * hint loss``).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from ..exits import ExitHead, ExitSpec, MultiExitModel, deepest_target
 from ..losses import kd_loss, soft_kl
 from ..taps import num_prefix_tokens
 from .base import DistillationMethod, StepOutputs
+from .fitnets import Hints
 
 
 @dataclass
 class BYOTArguments:
     byot_exits: Optional[list[str]] = field(
         default=None,
-        metadata={"help": "BYOT: module names after which exits attach (default: after every stage but the last)."},
+        metadata={"help": "BYOT: module names after which exits attach, or `auto` (the default): after every stage "
+                  "but the last."},
     )
     byot_alpha: float = field(
         default=0.3, metadata={"help": "BYOT: weight of the deepest classifier's soft targets for each exit (0.3)."}
@@ -69,6 +72,8 @@ class BeYourOwnTeacher(DistillationMethod):
         self.deepest_layer: str = ""
         self._deepest_layout = "nchw"
         self._prefix = 0
+        # FitNets hints from an external teacher, added to the loss with hint_weight
+        self.hints = Hints(args.hint_layers, prefix="hint") if args.hint_layers else None
 
     @classmethod
     def validate(cls, args) -> None:
@@ -80,6 +85,12 @@ class BeYourOwnTeacher(DistillationMethod):
             raise ValueError(f"byot_exit_bottleneck must be 'sepconv' or 'conv', got '{args.byot_exit_bottleneck}'")
         if args.byot_feature_reduction not in ("sum", "mean"):
             raise ValueError(f"byot_feature_reduction must be 'sum' or 'mean', got '{args.byot_feature_reduction}'")
+        if args.hint_layers:
+            if args.hint_weight <= 0:
+                raise ValueError("byot with hint_layers: set hint_weight > 0 (the weight of the FitNets hint term)")
+            if args.hint_epochs:
+                raise ValueError("hint_epochs (a FitNets stage 1 of hints only) applies to distill_method='fitnets'; "
+                                 "with byot the hints join the loss from the start")
 
     def setup(self, student, teachers):
         from ..stages import UnsupportedModelError, stage_names
@@ -90,12 +101,22 @@ class BeYourOwnTeacher(DistillationMethod):
             raise ValueError(f"byot: cannot find the student's stages to attach exits and take the deepest "
                              f"feature from.\n{err}") from None
         self.deepest_layer = stages[-1]
-        self.exit_layers = list(self.args.byot_exits) if self.args.byot_exits else stages[:-1]
+        exits = self.args.byot_exits or []
+        exits = [exits] if isinstance(exits, str) else list(exits)
+        self.exit_layers = stages[:-1] if exits in ([], ["auto"]) else exits
         if not self.exit_layers:
             raise ValueError("byot: the student has a single stage, there is nowhere to attach an exit")
+        if self.hints is not None:
+            if not teachers:
+                raise ValueError("byot with hint_layers needs a teacher (teacher_model_name_or_path) for the hints")
+            self.hints.setup(student, teachers)
 
     def student_layers(self):
-        return [*self.exit_layers, self.deepest_layer]
+        hinted = self.hints.student_layers() if self.hints is not None else []
+        return list(dict.fromkeys([*self.exit_layers, self.deepest_layer, *hinted]))
+
+    def teacher_layers(self):
+        return self.hints.teacher_layers() if self.hints is not None else []
 
     def build_modules(self, student, teachers, probe):
         from ..models import num_classes_of
@@ -110,6 +131,8 @@ class BeYourOwnTeacher(DistillationMethod):
             shape, layout = probe["student"][layer]
             exits[f"exit{i + 1}"] = ExitHead(ExitSpec(layer, shape, layout, out_shape, self._deepest_layout,
                                                       n_classes, self._prefix, self.args.byot_exit_bottleneck))
+        if self.hints is not None:
+            exits.update(self.hints.build(student, teachers, probe))
         return exits
 
     def forward_modules(self, modules, features):
@@ -119,7 +142,10 @@ class BeYourOwnTeacher(DistillationMethod):
             logits.append(z)
             feats.append(f)
         deepest = deepest_target(features[self.deepest_layer], self._deepest_layout, self._prefix)
-        return {"exit_logits": logits, "exit_features": feats, "deepest_feature": deepest}
+        out = {"exit_logits": logits, "exit_features": feats, "deepest_feature": deepest}
+        if self.hints is not None:
+            out["hints"] = self.hints.forward(modules, features)
+        return out
 
     def loss(self, out: StepOutputs):
         a, T, lam = self.args.byot_alpha, self.args.temperature, self.args.byot_feature_weight
@@ -143,6 +169,10 @@ class BeYourOwnTeacher(DistillationMethod):
             total = total + (1 - a) * ce + a * kl + lam * feat
             terms.update({f"loss_ce_exit{i + 1}": ce.detach(), f"loss_kd_exit{i + 1}": kl.detach(),
                           f"loss_feature_exit{i + 1}": feat.detach()})
+        if self.hints is not None:
+            hint = self.hints.loss(out.extra_outputs["hints"], out.teacher_features)
+            total = total + self.args.hint_weight * hint
+            terms["loss_hint"] = hint.detach()
         return total, terms
 
     def eval_logits(self, out: dict) -> dict[str, torch.Tensor]:
@@ -163,4 +193,6 @@ class BeYourOwnTeacher(DistillationMethod):
         return {"exits": self.exit_layers, "deepest_feature": self.deepest_layer, "byot_alpha": a.byot_alpha,
                 "byot_feature_weight": a.byot_feature_weight, "byot_feature_reduction": a.byot_feature_reduction,
                 "byot_exit_bottleneck": a.byot_exit_bottleneck, "temperature": a.temperature,
-                "byot_export_exits": a.byot_export_exits}
+                "byot_export_exits": a.byot_export_exits,
+                **({"hint_layers": [f"{s}:{t}" for s, t in self.hints.pairs], "hint_weight": a.hint_weight}
+                   if self.hints is not None else {})}

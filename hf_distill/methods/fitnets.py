@@ -124,6 +124,57 @@ class HintRegressor(nn.Module):
         return y
 
 
+class Hints:
+    """Hint pairs as a part any method can use: regressors built from the probe, the hint loss.
+
+    FitNets is built on it; BYOT adds it when given ``hint_layers`` and a teacher. Regressors
+    are extra modules named ``f"{prefix}{i}"`` (run inside the wrapped forward, so data
+    parallel syncs them).
+    """
+
+    def __init__(self, hint_layers, prefix: str = ""):
+        self.hint_layers = hint_layers
+        self.pairs = parse_hint_layers(hint_layers)  # "auto" is resolved in setup
+        self.prefix = prefix
+
+    def setup(self, student, teachers) -> None:
+        if not self.pairs:
+            if not teachers:
+                raise ValueError("hint_layers need a teacher to take the hints from")
+            self.pairs = parse_hint_layers(self.hint_layers, student, teachers[0])
+
+    def student_layers(self) -> list[str]:
+        return [s for s, _ in self.pairs]
+
+    def teacher_layers(self) -> list[str]:
+        return [t for _, t in self.pairs]
+
+    def keys(self) -> list[str]:
+        return [f"{self.prefix}{i}" for i in range(len(self.pairs))]
+
+    def build(self, student, teachers, probe) -> dict[str, nn.Module]:
+        regs = {}
+        s_prefix, t_prefix = num_prefix_tokens(student), num_prefix_tokens(teachers[0])
+        for key, (s, t) in zip(self.keys(), self.pairs):
+            (s_shape, s_layout), (t_shape, t_layout) = probe["student"][s], probe["teacher"][t]
+            try:
+                regs[key] = HintRegressor(s_shape, s_layout, t_shape, t_layout, s_prefix, t_prefix)
+            except ValueError as err:
+                raise ValueError(f"hint pair {s}:{t}: {err}") from None
+        return regs
+
+    def forward(self, modules, student_features) -> dict[str, list]:
+        return {"regressed": [modules[k](student_features[s]) for k, (s, _) in zip(self.keys(), self.pairs)],
+                "targets": [modules[k].target for k in self.keys()]}
+
+    def loss(self, extra_outputs, teacher_features) -> torch.Tensor:
+        """Sum over the pairs of the hint loss (METHODS.md section 2)."""
+        total = 0.0
+        for (_, t), pred, target in zip(self.pairs, extra_outputs["regressed"], extra_outputs["targets"]):
+            total = total + hint_loss(pred, target(teacher_features[t]))
+        return total
+
+
 class FitNets(DistillationMethod):
     name = "fitnets"
     arguments = FitNetsArguments
@@ -131,7 +182,7 @@ class FitNets(DistillationMethod):
 
     def __init__(self, args):
         super().__init__(args)
-        self.pairs = parse_hint_layers(args.hint_layers)  # "auto" is resolved in build_modules
+        self.hints = Hints(args.hint_layers)
         self.stage1_parameters: set[str] = set()
         self._later_modules: list[nn.Module] = []
 
@@ -150,28 +201,22 @@ class FitNets(DistillationMethod):
             # stage 1 leaves later layers without gradients; DDP must be told
             args.ddp_find_unused_parameters = True
 
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return self.hints.pairs
+
     def student_layers(self):
-        return [s for s, _ in self.pairs]
+        return self.hints.student_layers()
 
     def teacher_layers(self):
-        return [t for _, t in self.pairs]
+        return self.hints.teacher_layers()
 
     def setup(self, student, teachers) -> None:
-        if not self.pairs:
-            if not teachers:
-                raise ValueError("fitnets needs a teacher for its hints")
-            self.pairs = parse_hint_layers(self.args.hint_layers, student, teachers[0])
+        self.hints.setup(student, teachers)
 
     def build_modules(self, student, teachers, probe):
-        regs = nn.ModuleDict()
-        s_prefix, t_prefix = num_prefix_tokens(student), num_prefix_tokens(teachers[0])
-        for i, (s, t) in enumerate(self.pairs):
-            (s_shape, s_layout), (t_shape, t_layout) = probe["student"][s], probe["teacher"][t]
-            try:
-                regs[str(i)] = HintRegressor(s_shape, s_layout, t_shape, t_layout, s_prefix, t_prefix)
-            except ValueError as err:
-                raise ValueError(f"hint pair {s}:{t}: {err}") from None
-        self.stage1_parameters = self._parameters_feeding(student, [s for s, _ in self.pairs], probe)
+        regs = nn.ModuleDict(self.hints.build(student, teachers, probe))
+        self.stage1_parameters = self._parameters_feeding(student, self.hints.student_layers(), probe)
         def feeds_guided_layer(prefix: str, module: nn.Module) -> bool:
             own = [f"{prefix}.{p}" if prefix else p for p, _ in module.named_parameters(recurse=False)]
             return any(name in self.stage1_parameters for name in own)
@@ -208,14 +253,10 @@ class FitNets(DistillationMethod):
 
     def forward_modules(self, modules, student_features):
         # regressors run inside the wrapped forward, so data parallel syncs their gradients
-        return {"regressed": [modules[str(i)](student_features[s]) for i, (s, _) in enumerate(self.pairs)],
-                "targets": [modules[str(i)].target for i in range(len(self.pairs))]}
+        return self.hints.forward(modules, student_features)
 
     def _hint(self, out: StepOutputs) -> torch.Tensor:
-        total = 0.0
-        for (_, t), pred, target in zip(self.pairs, out.extra_outputs["regressed"], out.extra_outputs["targets"]):
-            total = total + hint_loss(pred, target(out.teacher_features[t]))
-        return total
+        return self.hints.loss(out.extra_outputs, out.teacher_features)
 
     def soft_weight(self, progress: Progress) -> float:
         """The stage-2 multiplier of the soft term, annealed from start to end over stage 2."""
