@@ -37,7 +37,9 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from fashion_mnist import CACHE_ROOT, CLASS_NAMES, MEAN, STD, load_fashion_mnist, stratified_subset, to_tensors  # noqa: E402
+from fashion_mnist import (  # noqa: E402, F401  (CACHE_ROOT is re-exported for the scripts)
+    CACHE_ROOT, CLASS_NAMES, MEAN, STD, load_fashion_mnist, stratified_subset, to_tensors,
+)
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, InputSpec, set_input_spec  # noqa: E402
 from hf_distill.models import count_parameters, set_label_names  # noqa: E402

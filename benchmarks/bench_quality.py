@@ -44,16 +44,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import CACHE_ROOT, CLASS_NAMES, MEAN, STD, load_fashion_mnist, stratified_subset, to_tensors  # noqa: E402
+from _method_bench import IMAGE_SIZE, FlipImages, data, git_state, make_timm, prepare  # noqa: E402
+from fashion_mnist import CACHE_ROOT, MEAN, STD  # noqa: E402
 
-from hf_distill import DistillationTrainer, DistillationTrainingArguments, InputSpec, load_model, set_input_spec  # noqa: E402
-from hf_distill.models import count_parameters, set_label_names  # noqa: E402
+from hf_distill import DistillationTrainer, DistillationTrainingArguments, load_model  # noqa: E402
+from hf_distill.models import count_parameters  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TEACHER_DIR = CACHE_ROOT / "teachers"
 RUNS_DIR = CACHE_ROOT / "runs"
-IMAGE_SIZE = 28
-SPEC = InputSpec(mean=(MEAN,), std=(STD,), image_size=(IMAGE_SIZE, IMAGE_SIZE), in_chans=1)
 
 # name -> (timm architecture, seed, epochs). resnet18 is the main teacher; the two resnet10t
 # (cheaper, different seeds) are the extra members of the multi-teacher comparison.
@@ -66,50 +65,7 @@ TEACHERS = {
 log = logging.getLogger("bench")
 
 
-# ============================================================================ data
-class TensorImages(torch.utils.data.Dataset):
-    """Pre-normalised image tensors as ``{"pixel_values", "labels"}`` examples (optionally h-flipped)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, hflip: bool = False):
-        self.x, self.y, self.hflip = x, y, hflip
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        img = self.x[i]
-        if self.hflip and torch.rand(()) < 0.5:  # global torch RNG: seeded by the Trainer
-            img = img.flip(-1)
-        return {"pixel_values": img, "labels": int(self.y[i])}
-
-
-_DATA = {}
-
-
-def data(subset: int | None = None, subset_seed: int = 0):
-    """(train x, train y, test x, test y) tensors; train optionally a stratified subset."""
-    key = (subset, subset_seed)
-    if key not in _DATA:
-        dsd = load_fashion_mnist()
-        train = dsd["train"] if not subset else stratified_subset(dsd["train"], subset, seed=subset_seed)
-        _DATA[key] = (*to_tensors(train), *to_tensors(dsd["test"]))
-    return _DATA[key]
-
-
 # ============================================================================ models
-def _prepare(model: nn.Module) -> nn.Module:
-    set_input_spec(model, SPEC)
-    set_label_names(model, CLASS_NAMES)
-    return model
-
-
-def make_timm(arch: str, seed: int, **kw) -> nn.Module:
-    import timm
-
-    torch.manual_seed(seed)
-    return _prepare(timm.create_model(arch, pretrained=False, num_classes=10, in_chans=1, **kw))
-
-
 def thin_deep_student(seed: int) -> nn.Module:
     """A FitNets-style student: a timm ResNet (BasicBlock) 4x thinner and deeper than resnet18.
 
@@ -124,7 +80,7 @@ def thin_deep_student(seed: int) -> nn.Module:
                    channels=(16, 32, 64, 128))
     model.pretrained_cfg = {"architecture": "resnet28_thin", "input_size": (1, IMAGE_SIZE, IMAGE_SIZE),
                             "mean": (MEAN,), "std": (STD,), "num_classes": 10}
-    return _prepare(model)
+    return prepare(model)
 
 
 class SmallCNN(nn.Module):
@@ -145,7 +101,7 @@ class SmallCNN(nn.Module):
 
 def small_cnn_student(seed: int, c1: int = 8, c2: int = 16) -> nn.Module:
     torch.manual_seed(seed)
-    return _prepare(SmallCNN(c1, c2))
+    return prepare(SmallCNN(c1, c2))
 
 
 class CachedTeacher(nn.Module):
@@ -164,7 +120,7 @@ class CachedTeacher(nn.Module):
         self.num_classes = self.table.shape[1]
         self.misses = 0
         self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # gives the module a dtype
-        _prepare(self)
+        prepare(self)
 
     def forward(self, x):
         rows = [self.index.get(hash(img.numpy().tobytes()), -1) for img in x.detach().cpu().float()]
@@ -194,7 +150,7 @@ class TruncatedTeacher(nn.Module):
             self.add_module(n, live.get_submodule(n))
         self.cached = cached
         self.num_classes = cached.num_classes
-        _prepare(self)
+        prepare(self)
 
     def forward(self, x):
         h = x
@@ -210,12 +166,12 @@ def teacher_dir(name: str) -> Path:
 def load_teacher(name: str) -> nn.Module:
     model = load_model(str(teacher_dir(name)))
     # The saved data config holds the spec; set it again so the comparison never depends on it.
-    return _prepare(model)
+    return prepare(model)
 
 
 def cached_teacher(name: str) -> CachedTeacher:
     folder = teacher_dir(name)
-    xtr, _, xte, _ = data()
+    xtr, _, xte, _ = data(None)
     logits = torch.load(folder / "logits.pt")
     return CachedTeacher(name, [xtr, xte], [logits["train"], logits["test"]])
 
@@ -224,7 +180,7 @@ def check_cache(name: str, n: int = 256) -> float:
     """Largest |cached - live| logit difference on n train and n test images (must be ~1e-5)."""
     live = load_teacher(name).eval()
     cached = cached_teacher(name)
-    xtr, _, xte, _ = data()
+    xtr, _, xte, _ = data(None)
     g = torch.Generator().manual_seed(123)
     xs = torch.cat([xtr[torch.randperm(len(xtr), generator=g)[:n]], xte[:n]])
     with torch.no_grad():
@@ -271,7 +227,7 @@ def train_eval(student, teacher, args, train_ds, test_ds) -> dict:
 # ============================================================================ teacher
 def cmd_teacher(a) -> None:
     names = a.only or list(TEACHERS)
-    xtr, ytr, xte, yte = data()
+    xtr, ytr, xte, yte = data(None)
     summary = {}
     for name in names:
         arch, seed, epochs = TEACHERS[name]
@@ -283,11 +239,11 @@ def cmd_teacher(a) -> None:
             continue
         epochs = a.epochs or epochs
         n = a.subset or len(ytr)
-        train_ds = TensorImages(xtr[:n], ytr[:n], hflip=True)
+        train_ds = FlipImages(xtr[:n], ytr[:n], hflip=True)
         log.info("training teacher %s (%s, seed %d, %s epochs, %d images)", name, arch, seed, epochs, n)
         model = make_timm(arch, seed)
         args = make_args(str(RUNS_DIR / "teacher" / name), "supervised", epochs, seed, lr=2e-3)
-        res = train_eval(model, None, args, train_ds, TensorImages(xte, yte))
+        res = train_eval(model, None, args, train_ds, FlipImages(xte, yte))
         res.pop("_trainer").save_model(str(folder))  # native timm folder + model card
         model.eval()
         with torch.no_grad():
@@ -342,19 +298,6 @@ def write_teacher_md(summary: dict) -> None:
 
 
 # ============================================================================ sweeps
-def git_state() -> dict:
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    def run(*cmd):
-        try:
-            return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=20).stdout.strip()
-        except Exception:
-            return ""
-    return {"commit": run("git", "rev-parse", "HEAD"),
-            "dirty_library_files": run("git", "status", "--short", "hf_distill").splitlines()}
-
-
 class Sweep:
     """Runs (config, seed) pairs, keeping every result in a JSON file as it goes."""
 
@@ -452,7 +395,7 @@ def cmd_fitnets(a) -> None:
                 "seeds": a.seeds, "hint_layers": a.hint_layers, "T": 4.0, "alpha": 0.9, "batch": 128}
     sweep = Sweep(a.name or "fitnets", {"settings": settings, "teacher": teacher_name})
     xtr, ytr, xte, yte = data(a.subset)
-    train_ds, test_ds = TensorImages(xtr, ytr), TensorImages(xte, yte)
+    train_ds, test_ds = FlipImages(xtr, ytr), FlipImages(xte, yte)
     log.info("cache check %s: max |cached - live| = %.2e", teacher_name, check_cache(teacher_name))
     live = load_teacher(teacher_name)
     cached = cached_teacher(teacher_name)
@@ -579,7 +522,7 @@ def cmd_noisy(a) -> None:
                 "sigmas": a.sigmas, "alpha": 0.9, "batch": 128}
     sweep = Sweep(a.name or "noisy", {"settings": settings, "teachers": [main_t, *extra]})
     xtr, ytr, xte, yte = data(a.subset)
-    train_ds, test_ds = TensorImages(xtr, ytr), TensorImages(xte, yte)
+    train_ds, test_ds = FlipImages(xtr, ytr), FlipImages(xte, yte)
     for n in [main_t, *extra]:
         log.info("cache check %s: max |cached - live| = %.2e", n, check_cache(n))
     t1 = cached_teacher(main_t)
@@ -610,7 +553,6 @@ def cmd_noisy(a) -> None:
 
 def write_noisy_md(sweep: Sweep, teachers: list[str], s: dict, keys: list[str]) -> None:
     student = small_cnn_student(0, s["c1"], s["c2"])
-    infos = teacher_infos()
     s0 = s["sigmas"][0]
     labels = {"alone": "student alone (supervised)", "mse_1t": "1 teacher, MSE logit regression, no noise",
               "mse_3t_mean": "3 teachers (mean logits), MSE, no noise",

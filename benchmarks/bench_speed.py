@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import io
 import json
 import logging
 import os

@@ -91,7 +91,7 @@ def run_demo(output_dir: str = "hf_distill_demo", teacher_epochs: int = 10, stud
     s.train()
     scratch_acc = s.evaluate()["eval_accuracy"]
 
-    print_fn(f"[3/3] distilling the same student from the teacher (KD, T=4, alpha=0.9), same budget")
+    print_fn("[3/3] distilling the same student from the teacher (KD, T=4, alpha=0.9), same budget")
     d = DistillationTrainer(model=_fresh_student(seed), teacher_model=teacher,
                             args=args("student_distilled", "kd", student_epochs),
                             train_dataset=student_train, eval_dataset=test)

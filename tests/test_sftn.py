@@ -1,6 +1,3 @@
-import json
-import os
-
 import pytest
 import torch
 from conftest import tiny_hf_resnet, tiny_spec, tiny_timm
@@ -113,8 +110,6 @@ def test_heterogeneous_pairs(data32, make_args, tmp_path):
     out = t.model.eval()(pixel_values=torch.zeros(2, 1, 32, 32))
     assert len(out["extra"]["branch_logits"]) == 3
     # timm CNN teacher, ViT student: tokens built from the teacher's maps (class token learned)
-    import timm
-
     ViT = "vit_tiny_patch16_224"
     t = _sftn(make_args, train, student=ViT)
     assert t.method.student_arch.patch_embed is not None

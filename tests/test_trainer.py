@@ -7,7 +7,7 @@ from conftest import PlainClassifier, tiny_hf_resnet, tiny_timm
 from torch import nn
 from transformers import TrainerCallback
 
-from hf_distill import DistillationTrainer, DistillationTrainingArguments
+from hf_distill import DistillationTrainer
 from hf_distill.data import collate_images
 from hf_distill.losses import kd_loss
 from hf_distill.methods import METHODS, DistillationMethod

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..losses import hint_loss, soft_term
 from ..schedules import SCHEDULES, anneal
-from ..taps import NCHW, NHWC, TOKENS, VECTOR, num_prefix_tokens, to_nchw
+from ..taps import NHWC, TOKENS, VECTOR, num_prefix_tokens, to_nchw
 from .base import DistillationMethod, Progress, StepOutputs
 
 
