@@ -240,3 +240,17 @@ def test_framework_versions():
     versions = framework_versions()
     assert {"torch", "huggingface_hub", "hf_distill", "timm", "transformers"} <= set(versions)
     assert all(isinstance(v, str) and v for v in versions.values())
+
+
+def test_card_template_ships_inside_the_package():
+    # wheels carry only the package: the template must be reachable from it (a link to model_cards/)
+    import importlib.resources
+    from pathlib import Path
+
+    from hf_distill.model_card import TEMPLATE_NAME, template_path
+
+    packaged = importlib.resources.files("hf_distill").joinpath("templates", TEMPLATE_NAME)
+    assert packaged.is_file()
+    top = Path(__file__).resolve().parents[1] / "model_cards" / TEMPLATE_NAME
+    assert packaged.read_text() == top.read_text()
+    assert Path(template_path()).parent.name == "templates"
