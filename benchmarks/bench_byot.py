@@ -321,21 +321,27 @@ def write_report(sweep: Sweep, s: dict, name: str) -> None:
     log.info("wrote %s", RESULTS_DIR / f"{name}.md")
 
 
-SUPPLEMENTS = {  # name -> what it changes (its own JSON; its runs are paired with the main table's by seed)
-    "bench_byot_conv_exits": ("exits with full 3x3 convolutions (`--byot-exit-bottleneck conv`)",
+SUPPLEMENTS = {  # name -> (what it changes, command); its runs are paired by seed with the main table's
+    "bench_byot_conv_exits": ("exits with full 3x3 convolutions (`--byot-exit-bottleneck conv`), same epochs",
                               "python benchmarks/bench_byot.py --name bench_byot_conv_exits "
                               "--byot-exit-bottleneck conv --no-supervised --parts accuracy"),
+    "bench_byot_20ep": ("a longer budget: 20 epochs for supervised and BYOT",
+                        "python benchmarks/bench_byot.py --name bench_byot_20ep --epochs 20 --parts accuracy"),
 }
 
 
 def supplement_lines(name: str, main: Sweep) -> list[str]:
-    """Ablation runs (own JSON files), paired per seed with the main table's BYOT and supervised runs."""
+    """Follow-up sweeps (own JSON files) paired per seed with the main table's runs.
+
+    A sweep with its own supervised runs (another budget) is compared with those; one without
+    (an ablation of BYOT alone) with the main table's supervised runs.
+    """
     import json
 
     if name != "bench_byot":
         return []
     lines = []
-    main_byot, main_sup = main.values("byot"), main.values("supervised")
+    main_byot = main.values("byot")
     for sup_name, (what, cmd) in SUPPLEMENTS.items():
         path = RESULTS_DIR / f"{sup_name}.json"
         if not path.exists():
@@ -344,24 +350,33 @@ def supplement_lines(name: str, main: Sweep) -> list[str]:
         runs = {r["seed"]: r for r in d["runs"] if r["config"] == "byot"}
         if not runs:
             continue
+        own_sup = {r["seed"]: r["accuracy"] for r in d["runs"] if r["config"] == "supervised"}
+        sup = own_sup or main.values("supervised")
+        own_cpu = {r["seed"]: r["train_cpu_s"] for r in d["runs"] if r["config"] == "supervised"}
         n_params = next(iter(runs.values()))["trainable_extra_params"]
         main_params = next(r for r in main.runs if r["config"] == "byot")["trainable_extra_params"]
         rows = []
         for seed, r in sorted(runs.items()):
             m = r["metrics"]
-            rows.append([seed, f"{100 * r['accuracy']:.2f}",
+            rows.append([seed, f"{100 * sup[seed]:.2f}" if seed in sup else "-", f"{100 * r['accuracy']:.2f}",
+                         f"{100 * (r['accuracy'] - sup[seed]):+.2f}" if seed in sup else "-",
                          f"{100 * (r['accuracy'] - main_byot[seed]):+.2f}" if seed in main_byot else "-",
-                         f"{100 * (r['accuracy'] - main_sup[seed]):+.2f}" if seed in main_sup else "-",
                          " / ".join(f"{100 * m[f'eval_exit{i}_accuracy']:.2f}" for i in (1, 2, 3)),
-                         f"{100 * m['eval_ensemble_accuracy']:.2f}", f"{r['train_cpu_s'] / r['epochs']:.1f}"])
+                         f"{100 * m['eval_ensemble_accuracy']:.2f}",
+                         f"{r['train_cpu_s'] / own_cpu[seed]:.2f}x" if seed in own_cpu else "-"])
         acc = {k: v["accuracy"] for k, v in runs.items()}
-        lines += ["", f"## Ablation: {what}", "",
-                  f"Same seeds, data and recipe as the main table (`{cmd}`); exits add {n_params:,} parameters "
-                  f"(main table: {main_params:,}).", "",
-                  *md_table(["seed", "BYOT deepest %", "Δ vs main BYOT (points)", "Δ vs supervised (points)",
-                             "exits 1 / 2 / 3 %", "ensemble %", "CPU s / epoch"], rows), "",
-                  f"Mean: {pct_cell(acc)[0]}; vs main BYOT {paired(acc, main_byot)[1]} "
-                  f"({paired(acc, main_byot)[2]} seeds better); vs supervised {paired(acc, main_sup)[1]}."]
+        ens = {k: v["metrics"]["eval_ensemble_accuracy"] for k, v in runs.items()}
+        lines += ["", f"## Follow-up: {what}", "",
+                  f"Same data, recipe and seeds as the main table unless stated (`{cmd}`); {d['settings']['epochs']:g} "
+                  f"epochs; exits add {n_params:,} parameters (main table: {main_params:,}). Supervised = "
+                  f"{'this sweep' if own_sup else 'the main table'}'s runs.", "",
+                  *md_table(["seed", "supervised %", "BYOT deepest %", "Δ vs supervised (points)",
+                             "Δ vs main-table BYOT (points)", "BYOT exits 1 / 2 / 3 %", "BYOT ensemble %",
+                             "BYOT / supervised CPU"], rows), "",
+                  f"BYOT deepest {pct_cell(acc)[0]}, ensemble {pct_cell(ens)[0]}"
+                  + (f", supervised {pct_cell({k: v for k, v in sup.items() if k in acc})[0]}" if sup else "")
+                  + f"; BYOT deepest − supervised {paired(acc, sup)[1]} ({paired(acc, sup)[2]} seeds better); "
+                  f"ensemble − supervised {paired(ens, sup)[1]} ({paired(ens, sup)[2]})."]
     return lines
 
 
