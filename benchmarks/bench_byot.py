@@ -353,6 +353,8 @@ def supplement_lines(name: str, main: Sweep) -> list[str]:
         own_sup = {r["seed"]: r["accuracy"] for r in d["runs"] if r["config"] == "supervised"}
         sup = own_sup or main.values("supervised")
         own_cpu = {r["seed"]: r["train_cpu_s"] for r in d["runs"] if r["config"] == "supervised"}
+        if not own_cpu and d["settings"]["epochs"] == main.settings["epochs"]:  # same budget: the main runs
+            own_cpu = {r["seed"]: r["train_cpu_s"] for r in main.runs if r["config"] == "supervised"}
         n_params = next(iter(runs.values()))["trainable_extra_params"]
         main_params = next(r for r in main.runs if r["config"] == "byot")["trainable_extra_params"]
         rows = []
