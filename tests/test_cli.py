@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,14 @@ def test_cli_cache_teacher_then_train_without_running_the_teacher(tmp_path, caps
     assert (out / "model.safetensors").exists()
     text = capsys.readouterr().out
     assert '"eval_accuracy"' in text and "eval_teacher_accuracy" not in text  # no teacher was loaded
+
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_example_configs_parse(config, tmp_path):
+    model_args, data_args, args = parse_train_args(["--config", str(EXAMPLES / config), "--output_dir", str(tmp_path)])
+    assert config.startswith(args.distill_method)  # e.g. byot_digits.yaml -> byot
+    assert model_args.student_model_name_or_path and data_args.dataset_name
