@@ -52,7 +52,7 @@ from hf_distill.data import collate_images  # noqa: E402
 
 
 # ============================================================================ runs
-PARTS = ("accuracy", "kd", "timing")
+PARTS = ("accuracy", "kd", "timing", "early_exit")
 BYOT_KEYS = ("byot_alpha", "byot_feature_weight", "byot_exit_bottleneck", "byot_feature_reduction")
 
 
@@ -101,6 +101,75 @@ def run_kd(sweep: Sweep, s: dict, seeds: list[int], work: Path) -> None:
 
 
 # ============================================================================ step timing
+def run_early_exit(sweep: Sweep, s: dict, seed: int, work: Path) -> None:
+    """BYOT with its exits exported (same seed and recipe as the sweep's run), then an early-exit sweep
+    on the test set: accuracy, exit shares, FLOPs per image (counted per piece) and measured time."""
+    if "early_exit" in sweep.extra:
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from byot_early_exit import piece_costs
+
+    from hf_distill.exits import MultiExitModel
+
+    xtr, ytr, xte, yte = data(s["train_subset"], s["test_subset"])
+    folder = work / f"byot_exits_s{seed}"
+    kw = {k: s[k] for k in BYOT_KEYS if k in s}
+    args = make_args(str(folder), "byot", s["epochs"], seed, s["lr"], byot_export_exits=True, **kw)
+    res = train_eval(make_timm(s["student"], seed), None, args, FlipImages(xtr, ytr, hflip=True), FlipImages(xte, yte),
+                     keep_trainer=True)
+    res.pop("_trainer").save_model(str(folder))
+    model = MultiExitModel.from_pretrained(str(folder))
+    cumulative, exit_costs, head_cost = piece_costs(model, xte[:1])
+    leave = [cumulative[i] + sum(exit_costs[: i + 1]) for i in range(len(exit_costs))]
+    leave.append(cumulative[-1] + sum(exit_costs) + head_cost)
+    plain_cost = cumulative[-1] + head_cost
+
+    def timed(fn):
+        times, out = [], None
+        for _ in range(3):
+            c0 = time.process_time()
+            out = fn()
+            times.append(time.process_time() - c0)
+        return out, 1e3 * statistics.median(times) / len(yte)
+
+    rows = []
+    with torch.no_grad():
+        for threshold in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, None):
+            if threshold is None:
+                (logits, ms) = timed(lambda: model(xte))
+                used = torch.full((len(yte),), len(exit_costs))
+            else:
+                (logits, used), ms = timed(lambda: model(xte, early_exit_threshold=threshold))
+            n = len(yte)
+            mflops = sum(leave[i] * int((used == i).sum()) for i in range(len(leave))) / n / 1e6
+            rows.append({"threshold": "plain" if threshold is None else threshold,
+                         "accuracy": float((logits.argmax(-1) == yte).float().mean()),
+                         "mflops_per_image": plain_cost / 1e6 if threshold is None else mflops, "cpu_ms_per_image": ms,
+                         "exit_share": [float((used == i).float().mean()) for i in range(len(leave))]})
+        ens = float((model(xte, mode="ensemble").argmax(-1) == yte).float().mean())
+    sweep.extra["early_exit"] = {"seed": seed, "rows": rows, "ensemble_accuracy": ens, "run": res, "test_images": len(yte),
+                                 "plain_mflops": plain_cost / 1e6, "exit_mflops": [c / 1e6 for c in exit_costs]}
+    sweep.save()
+    log.info("early exit: %s", ", ".join(f"{r['threshold']}: {100 * r['accuracy']:.2f}% "
+                                            f"{r['mflops_per_image']:.1f} MFLOPs" for r in rows))
+
+
+def early_exit_lines(extra: dict) -> list[str]:
+    rows = [[r["threshold"], f"{100 * r['accuracy']:.2f}", f"{r['mflops_per_image']:.2f}",
+             f"{r['mflops_per_image'] / extra['plain_mflops']:.2f}x", f"{r['cpu_ms_per_image']:.3f}",
+             " / ".join(f"{100 * x:.1f}" for x in r["exit_share"])] for r in extra["rows"]]
+    return ["", f"### Early exit (BYOT seed {extra['seed']}, exported with its exits, reloaded with "
+            f"`MultiExitModel.from_pretrained`; the {extra['test_images']:,} test images)", "",
+            f"Re-trained with the same seed and recipe as the table's BYOT run: test accuracy "
+            f"{100 * extra['run']['accuracy']:.2f}%. FLOPs counted per piece with `torch.utils.flop_counter` "
+            "(a sample leaving at exit i pays the backbone up to stage i and every exit head it passed); "
+            "CPU ms per image: median of 3 passes over the test set in one batch, 1 thread. Exit heads cost "
+            + " / ".join(f"{c:.2f}" for c in extra["exit_mflops"]) + " MFLOPs per image; ensemble accuracy "
+            f"{100 * extra['ensemble_accuracy']:.2f}%.", "",
+            *md_table(["threshold", "accuracy %", "MFLOPs / image", "vs plain", "CPU ms / image",
+                       "share leaving at exit 1 / 2 / 3 / deepest %"], rows)]
+
+
 class Stepper:
     """One optimisation step of a DistillationTrainer (forward, loss, backward, optimizer step)."""
 
@@ -309,6 +378,8 @@ def write_report(sweep: Sweep, s: dict, name: str) -> None:
                   "live/cached. Several students from one teacher share the teacher's cost; BYOT has none to share. "
                   f"Reloaded teacher's test accuracy from its saved folder: {100 * cache['reloaded_teacher_test_accuracy']:.2f}%."]
 
+    if "early_exit" in sweep.extra:
+        lines += early_exit_lines(sweep.extra["early_exit"])
     lines += supplement_lines(name, sweep)
     total_cpu, total_wall = sweep.meta.get("total_cpu_s", 0), sweep.meta.get("total_wall_s", 0)
     commands = [v["command"] for v in sweep.meta.get("invocations", {}).values() if v.get("command")]
@@ -379,6 +450,8 @@ def supplement_lines(name: str, main: Sweep) -> list[str]:
                   + (f", supervised {pct_cell({k: v for k, v in sup.items() if k in acc})[0]}" if sup else "")
                   + f"; BYOT deepest − supervised {paired(acc, sup)[1]} ({paired(acc, sup)[2]} seeds better); "
                   f"ensemble − supervised {paired(ens, sup)[1]} ({paired(ens, sup)[2]})."]
+        if "early_exit" in d.get("extra", {}):
+            lines += early_exit_lines(d["extra"]["early_exit"])
     return lines
 
 
@@ -432,6 +505,8 @@ def main(argv=None) -> None:
         run_kd(sweep, s, seeds, work)
     if "timing" in parts:
         run_timing(sweep, s)
+    if "early_exit" in parts:
+        run_early_exit(sweep, s, seeds[0], work)
     sweep.save()
     write_report(sweep, s, name)
 
