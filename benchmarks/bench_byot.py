@@ -468,6 +468,7 @@ def main(argv=None) -> None:
                    help="what to run (default all). Runs of one sweep can be split over processes, e.g. "
                    "`--parts accuracy timing --seeds 0 1` beside `--parts accuracy kd --seeds 2`: they share "
                    "results/<name>.json (merged under a lock); --seeds picks the seeds of accuracy and kd")
+    p.add_argument("--report-only", action="store_true", help="rewrite results/<name>.md from the JSON files")
     p.add_argument("--skip-timing", action="store_true", help="no interleaved step timing (= leave out the timing part)")
     p.add_argument("--no-kd", action="store_true", help="no teacher-then-student KD runs (= leave out the kd part)")
     p.add_argument("--byot-alpha", type=float, default=None, help="BYOT alpha (library default 0.3)")
@@ -497,6 +498,9 @@ def main(argv=None) -> None:
     sweep = Sweep(name, s)
     sweep.meta["command"] = "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     work = CACHE_ROOT / name
+    if a.report_only:
+        write_report(sweep, s, name)
+        return
     seeds = a.seeds or ([0, 1] if q else [0, 1, 2])
     parts = [x for x in a.parts if not (x == "timing" and a.skip_timing) and not (x == "kd" and a.no_kd)]
     if "accuracy" in parts:
