@@ -94,6 +94,38 @@ def machine_rows(threads: int, malloc: str = "") -> list[tuple[str, str]]:
     ] + ([("allocator", malloc)] if malloc else [])
 
 
+def step_bench_parser(description: str, name: str):
+    """The arguments every interleaved step benchmark shares (bench_kd_step, bench_hooks)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="short run: one image size, 3 x 6 steps")
+    p.add_argument("--teacher", default="resnet18")
+    p.add_argument("--student", default="resnet10t")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes (default 32 64; quick: 32)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads for every runner (default 1: stable when other jobs share the cores)")
+    p.add_argument("--out", default=None, help=f"results file name: results/OUT.md (default {name}, {name}_quick with --quick)")
+    p.add_argument("--malloc", choices=["steady", "default"], default="steady",
+                   help="steady (default): glibc keeps freed buffers (no per-step page-fault churn, see "
+                        "_bench_common.tune_malloc); default: glibc as is")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per runner (default 7; quick 3)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per repetition (default 20; quick 6)")
+    p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
+    p.add_argument("--child-size", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def step_bench_defaults(a, name: str):
+    """Fill the shared defaults that depend on --quick."""
+    a.out = a.out or (f"{name}_quick" if a.quick else name)
+    a.sizes = a.sizes or ([32] if a.quick else [32, 64])
+    a.reps = a.reps or (3 if a.quick else 7)
+    a.steps = a.steps or (6 if a.quick else 20)
+    return a
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

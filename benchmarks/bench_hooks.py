@@ -62,34 +62,15 @@ METHODS[KDWithTaps.name] = KDWithTaps
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="short run: one image size, 3 x 6 steps")
-    p.add_argument("--teacher", default="resnet18")
-    p.add_argument("--student", default="resnet10t")
+    p = C.step_bench_parser(__doc__.split("\n\n")[0], NAME)
     p.add_argument("--student-layers", nargs="+", default=["layer2", "layer3"])
     p.add_argument("--teacher-layers", nargs="+", default=["layer2", "layer3"])
-    p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes (default 32 64; quick: 32)")
     p.add_argument("--hand-sizes", type=int, nargs="+", default=None,
                    help="image sizes for the hand-loop pair too (default: the first of --sizes)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads for every runner (default 1: stable when other jobs share the cores)")
-    p.add_argument("--out", default=None, help=f"results file name: results/OUT.md (default {NAME}, {NAME}_quick with --quick)")
-    p.add_argument("--malloc", choices=["steady", "default"], default="steady",
-                   help="steady (default): glibc keeps freed buffers (no per-step page-fault churn, see "
-                        "_bench_common.tune_malloc); default: glibc as is")
-    p.add_argument("--reps", type=int, default=None, help="repetitions per runner (default 7; quick 3)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per repetition (default 20; quick 6)")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
     p.add_argument("--child", choices=["trainer", "trainer_taps"], help=argparse.SUPPRESS)
-    p.add_argument("--child-size", type=int, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    a.out = a.out or (f"{NAME}_quick" if a.quick else NAME)
-    a.sizes = a.sizes or ([32] if a.quick else [32, 64])
+    a = C.step_bench_defaults(p.parse_args(argv), NAME)
     a.hand_sizes = a.hand_sizes or a.sizes[:1]
-    a.reps = a.reps or (3 if a.quick else 7)
-    a.steps = a.steps or (6 if a.quick else 20)
     return a
 
 
