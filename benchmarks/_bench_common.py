@@ -126,6 +126,23 @@ def step_bench_defaults(a, name: str):
     return a
 
 
+def prepare_process(args) -> str:
+    """Process set-up of a timing benchmark: optimizer probe, allocator mode, threads. Returns the mode."""
+    trainer_optimizer_kwargs()  # before any trainer exists (see its docstring)
+    torch.set_num_threads(args.threads)
+    return tune_malloc(args.malloc)
+
+
+def finish_report(md: list[str], ratios, target: float, label: str, t_start: float, out: str) -> None:
+    """Append the verdict and the total time, write results/OUT.md and print it."""
+    md += ["## Verdict", "", verdict(ratios, target, label), "",
+           f"Total benchmark wall time: {time.perf_counter() - t_start:.0f} s.", ""]
+    text = "\n".join(md)
+    path = write_result(out, text)
+    print(text)
+    print(f"\nwritten to {path}")
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

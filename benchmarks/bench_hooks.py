@@ -122,11 +122,10 @@ def main(argv=None):
     args = parse(argv)
     STUDENT_LAYERS[:] = args.student_layers
     TEACHER_LAYERS[:] = args.teacher_layers
-    C.trainer_optimizer_kwargs()  # before any trainer exists
     if args.child:
+        C.trainer_optimizer_kwargs()  # before any trainer exists (see its docstring)
         return child(args)
-    malloc = C.tune_malloc(args.malloc)
-    torch.set_num_threads(args.threads)
+    malloc = C.prepare_process(args)
     t_start = time.perf_counter()
     out_dir = C.tmpdir("hfd_bench_hooks_")
     md = [f"# {NAME}: KD step with unused FitNets-style feature taps vs without", "",
@@ -199,12 +198,7 @@ def main(argv=None):
                "glibc allocator defaults in these processes.", "",
                C.md_table(["image", "configuration", "peak RSS MiB", "RSS before steps MiB", "peak - before MiB",
                            "peak / no-taps peak"], mem_rows), ""]
-    verdict = C.verdict(ratios, 1.03, "with taps / without")
-    md += ["## Verdict", "", verdict, "", f"Total benchmark wall time: {time.perf_counter() - t_start:.0f} s.", ""]
-    text = "\n".join(md)
-    path = C.write_result(args.out, text)
-    print(text)
-    print(f"\nwritten to {path}")
+    C.finish_report(md, ratios, 1.03, "with taps / without", t_start, args.out)
 
 
 if __name__ == "__main__":

@@ -267,11 +267,10 @@ def child(args):
 # ------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse(argv)
-    C.trainer_optimizer_kwargs()  # before any trainer exists (see its docstring)
     if args.child:
+        C.trainer_optimizer_kwargs()  # before any trainer exists (see its docstring)
         return child(args)
-    malloc = C.tune_malloc(args.malloc)
-    torch.set_num_threads(args.threads)
+    malloc = C.prepare_process(args)
     out_dir = C.tmpdir("hfd_bench_kd_")
     t_start = time.perf_counter()
     info = C.machine_rows(args.threads, malloc)
@@ -374,12 +373,7 @@ def main(argv=None):
                       [(f"{c:.2f}", f"{o:.3f}", f"{n:.2f}", f) for c, o, n, f in rows[:30]]), ""]
     print(top)
 
-    verdict = C.verdict(ratios, 1.05, "trainer / hand")
-    md += ["## Verdict", "", verdict, "", f"Total benchmark wall time: {time.perf_counter() - t_start:.0f} s.", ""]
-    text = "\n".join(md)
-    path = C.write_result(args.out, text)
-    print(text)
-    print(f"\nwritten to {path}")
+    C.finish_report(md, ratios, 1.05, "trainer / hand", t_start, args.out)
 
 
 if __name__ == "__main__":

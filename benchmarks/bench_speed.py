@@ -933,11 +933,10 @@ def fmt_pair(wc):
 
 def main(argv=None):
     args = parse(argv)
-    C.trainer_optimizer_kwargs()  # before any trainer exists (see its docstring)
     if args.child:
+        C.trainer_optimizer_kwargs()  # before any trainer exists (see its docstring)
         return child(args)
-    malloc = C.tune_malloc(args.malloc)
-    torch.set_num_threads(args.threads)
+    malloc = C.prepare_process(args)
     t_start = time.perf_counter()
     work = C.tmpdir("hfd_bench_speed_")
     out_dir = os.path.join(work, "out")
@@ -1053,7 +1052,7 @@ def main(argv=None):
         "* **timm `FeatureDistillationTask`**: `task_loss_weight * CE + distill_loss_weight * mse_loss(proj(s), t)` "
         "with `mse_loss` the mean over batch *and* features, on the pooled pre-logits only "
         "(`forward_head(pre_logits=True)`), projection `nn.Linear`. hf_distill's hint is `1/2 * sum over features, "
-        f"mean over batch`, so `distill_loss_weight = hint_weight * D / 2` (D = teacher feature size); hf_distill "
+        "mean over batch`, so `distill_loss_weight = hint_weight * D / 2` (D = teacher feature size); hf_distill "
         "runs `fitnets` in stage 2 with `hint_weight` and `alpha=0` (CE + hint; its KD term is computed with weight 0). "
         "The projection weights are copied from hf_distill's regressor (`nn.Linear`, same shape). timm's trainable "
         "module runs the student's head twice per step (`forward_head` for logits and again for pre-logits).",
@@ -1061,7 +1060,7 @@ def main(argv=None):
         "(`sequential`), regresses with `ConvReg` (1x1 conv *with* bias + BN, ReLU optional) and sums the squared "
         "error over the whole batch (`MSELoss(reduction='sum')`). Aligned: `uses_relu=False`, the conv bias "
         "zeroed, the conv / BN weights copied from hf_distill's regressor (1x1 conv without bias + BN), "
-        f"term weight `1 / (2 B)`. hf_distill's stage 1 taps the layers with forward hooks and "
+        "term weight `1 / (2 B)`. hf_distill's stage 1 taps the layers with forward hooks and "
         f"{student_stage1}; {teacher_stage1}.",
     ]
     loss_rows, time_rows, verdicts = [], [], []
