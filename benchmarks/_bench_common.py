@@ -126,11 +126,12 @@ def step_bench_defaults(a, name: str):
     return a
 
 
-def prepare_process(args) -> str:
-    """Process set-up of a timing benchmark: optimizer probe, allocator mode, threads. Returns the mode."""
+def prepare_process(args) -> str | None:
+    """Process set-up of a timing benchmark: optimizer probe, threads and, in the timing process
+    (not a memory child, which keeps glibc's defaults), the allocator mode, which it returns."""
     trainer_optimizer_kwargs()  # before any trainer exists (see its docstring)
     torch.set_num_threads(args.threads)
-    return tune_malloc(args.malloc)
+    return None if args.child else tune_malloc(args.malloc)
 
 
 def finish_report(md: list[str], ratios, target: float, label: str, t_start: float, out: str) -> None:

@@ -371,6 +371,17 @@ def md_table(headers, rows) -> list[str]:
     return lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
 
 
+def run_lines(sweep: Sweep) -> list[str]:
+    """The report's "Run" section: the commands that filled the sweep, its total time, the machine."""
+    commands = [v["command"] for v in sweep.meta.get("invocations", {}).values() if v.get("command")]
+    commands = list(dict.fromkeys(commands)) or [sweep.meta.get("command", "")]
+    total_cpu, total_wall = sweep.meta.get("total_cpu_s", 0), sweep.meta.get("total_wall_s", 0)
+    return ["", "## Run", "",
+            f"Commands (processes that filled this sweep, some side by side on the 2 cores): "
+            f"{'; '.join(f'`{c}`' for c in commands)}. Whole benchmark: {total_cpu / 60:.1f} min CPU, "
+            f"{total_wall / 60:.1f} min wall, summed over the processes.", "", *env_lines(sweep), ""]
+
+
 def env_lines(sweep: Sweep) -> list[str]:
     e = sweep.meta["environment"]
     load = e.get("loadavg_at_start")

@@ -43,8 +43,8 @@ torch.set_num_threads(1)  # 2 shared cores: more threads make small convolutions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _method_bench import (  # noqa: E402
-    CACHE_ROOT, RESULTS_DIR, CallCounter, FlipImages, Sweep, data, env_lines, flip_logits, log, make_args,
-    make_timm, md_table, mean_std, paired, pct_cell, prepare, setup_logging, train_eval,
+    CACHE_ROOT, RESULTS_DIR, CallCounter, FlipImages, Sweep, data, flip_logits, log, make_args,
+    make_timm, md_table, mean_std, paired, pct_cell, prepare, run_lines, setup_logging, train_eval,
 )
 
 from hf_distill import load_model  # noqa: E402
@@ -56,22 +56,31 @@ PARTS = ("accuracy", "kd", "timing", "early_exit")
 BYOT_KEYS = ("byot_alpha", "byot_feature_weight", "byot_exit_bottleneck", "byot_feature_reduction")
 
 
-def run_accuracy(sweep: Sweep, s: dict, seeds: list[int], work: Path) -> None:
+def byot_kwargs(s: dict) -> dict:
+    """The BYOT arguments this sweep sets (the others keep the library defaults)."""
+    return {k: s[k] for k in BYOT_KEYS if k in s}
+
+
+def splits(s: dict):
+    """(train x, train y, test x, test y, train dataset with flips, test dataset)."""
     xtr, ytr, xte, yte = data(s["train_subset"], s["test_subset"])
-    train_ds, test_ds = FlipImages(xtr, ytr, hflip=True), FlipImages(xte, yte)
+    return xtr, ytr, xte, yte, FlipImages(xtr, ytr, hflip=True), FlipImages(xte, yte)
+
+
+def run_accuracy(sweep: Sweep, s: dict, seeds: list[int], work: Path) -> None:
+    *_, train_ds, test_ds = splits(s)
     for seed in seeds:  # supervised and BYOT of one seed back to back (similar machine load)
         for config, method in (("supervised", "supervised"), ("byot", "byot")):
             if sweep.get(config, seed) or (config == "supervised" and s.get("no_supervised")):
                 continue
-            kw = {k: s[k] for k in BYOT_KEYS if method == "byot" and k in s}
+            kw = byot_kwargs(s) if method == "byot" else {}
             args = make_args(str(work / f"{config}_s{seed}"), method, s["epochs"], seed, s["lr"], **kw)
             sweep.add(config, seed, train_eval(make_timm(s["student"], seed), None, args, train_ds, test_ds))
 
 
 def run_kd(sweep: Sweep, s: dict, seeds: list[int], work: Path) -> None:
     """Teacher-then-student: the teacher (once), its logits on every training view, KD students."""
-    xtr, ytr, xte, yte = data(s["train_subset"], s["test_subset"])
-    train_ds, test_ds = FlipImages(xtr, ytr, hflip=True), FlipImages(xte, yte)
+    xtr, ytr, xte, yte, train_ds, test_ds = splits(s)
     teacher_dir = work / "teacher"
     if not (sweep.get("teacher", s["teacher_seed"]) and (teacher_dir / "config.json").exists()):
         sweep.runs = [r for r in sweep.runs if r["config"] not in ("teacher", "kd")]
@@ -111,12 +120,10 @@ def run_early_exit(sweep: Sweep, s: dict, seed: int, work: Path) -> None:
 
     from hf_distill.exits import MultiExitModel
 
-    xtr, ytr, xte, yte = data(s["train_subset"], s["test_subset"])
+    _, _, xte, yte, train_ds, test_ds = splits(s)
     folder = work / f"byot_exits_s{seed}"
-    kw = {k: s[k] for k in BYOT_KEYS if k in s}
-    args = make_args(str(folder), "byot", s["epochs"], seed, s["lr"], byot_export_exits=True, **kw)
-    res = train_eval(make_timm(s["student"], seed), None, args, FlipImages(xtr, ytr, hflip=True), FlipImages(xte, yte),
-                     keep_trainer=True)
+    args = make_args(str(folder), "byot", s["epochs"], seed, s["lr"], byot_export_exits=True, **byot_kwargs(s))
+    res = train_eval(make_timm(s["student"], seed), None, args, train_ds, test_ds, keep_trainer=True)
     res.pop("_trainer").save_model(str(folder))
     model = MultiExitModel.from_pretrained(str(folder))
     cumulative, exit_costs, head_cost = piece_costs(model, xte[:1])
@@ -267,7 +274,7 @@ def write_report(sweep: Sweep, s: dict, name: str) -> None:
         + BOTTLENECK_TEXT[s.get("byot_exit_bottleneck", "sepconv")] + ", then pooling + linear); deepest "
         f"classifier = the network's head; alpha {s.get('byot_alpha', 0.3)}, feature weight "
         f"{s.get('byot_feature_weight', 0.03)} ({s.get('byot_feature_reduction', 'sum')} over a sample's features), T 3 "
-        f"({'non-default values set on the command line' if any(k in s for k in BYOT_KEYS) else 'defaults'}). "
+        f"({'non-default values set on the command line' if byot_kwargs(s) else 'defaults'}). "
         f"Exits add {sweep.runs[[r['config'] for r in sweep.runs].index('byot')]['trainable_extra_params']:,} "
         "training-only parameters. *Deepest* = the plain network with the exits dropped (same inference cost "
         "as supervised).",
@@ -381,13 +388,7 @@ def write_report(sweep: Sweep, s: dict, name: str) -> None:
     if "early_exit" in sweep.extra:
         lines += early_exit_lines(sweep.extra["early_exit"])
     lines += supplement_lines(name, sweep)
-    total_cpu, total_wall = sweep.meta.get("total_cpu_s", 0), sweep.meta.get("total_wall_s", 0)
-    commands = [v["command"] for v in sweep.meta.get("invocations", {}).values() if v.get("command")]
-    commands = list(dict.fromkeys(commands)) or [sweep.meta.get("command", "")]
-    lines += ["", "## Run", "",
-              f"Commands (processes that filled this sweep, some side by side on the 2 cores): "
-              f"{'; '.join(f'`{c}`' for c in commands)}. Whole benchmark: {total_cpu / 60:.1f} min CPU, "
-              f"{total_wall / 60:.1f} min wall, summed over the processes.", "", *env_lines(sweep), ""]
+    lines += run_lines(sweep)
     (RESULTS_DIR / f"{name}.md").write_text("\n".join(lines))
     log.info("wrote %s", RESULTS_DIR / f"{name}.md")
 

@@ -104,7 +104,6 @@ def check_same_loss(args, size, out_dir):
 
 
 def child(args):
-    torch.set_num_threads(args.threads)
     size, n = args.child_size, args.steps + args.warmup
     out_dir = C.tmpdir("hfd_bench_hooks_mem_")
     batches = C.make_batches(n, args.batch_size, size, seed=4)
@@ -122,10 +121,9 @@ def main(argv=None):
     args = parse(argv)
     STUDENT_LAYERS[:] = args.student_layers
     TEACHER_LAYERS[:] = args.teacher_layers
-    if args.child:
-        C.trainer_optimizer_kwargs()  # before any trainer exists (see its docstring)
-        return child(args)
     malloc = C.prepare_process(args)
+    if args.child:
+        return child(args)
     t_start = time.perf_counter()
     out_dir = C.tmpdir("hfd_bench_hooks_")
     md = [f"# {NAME}: KD step with unused FitNets-style feature taps vs without", "",

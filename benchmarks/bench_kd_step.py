@@ -239,7 +239,6 @@ def profile_trainer(args, size, out_dir, steps):
 
 # ------------------------------------------------------------------------------------- memory child
 def child(args):
-    torch.set_num_threads(args.threads)
     size, n = args.child_size, args.steps + args.loop_warmup
     out_dir = C.tmpdir("hfd_bench_mem_")
     teacher, student = build(args, size)
@@ -267,10 +266,9 @@ def child(args):
 # ------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse(argv)
-    if args.child:
-        C.trainer_optimizer_kwargs()  # before any trainer exists (see its docstring)
-        return child(args)
     malloc = C.prepare_process(args)
+    if args.child:
+        return child(args)
     out_dir = C.tmpdir("hfd_bench_kd_")
     t_start = time.perf_counter()
     info = C.machine_rows(args.threads, malloc)

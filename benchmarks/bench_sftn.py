@@ -39,7 +39,7 @@ torch.set_num_threads(1)  # 2 shared cores: more threads make small convolutions
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _method_bench import (  # noqa: E402
     CACHE_ROOT, CLASS_NAMES, RESULTS_DIR, CallCounter, FlipImages, Sweep, batched, cached_feature_teacher, data,
-    env_lines, log, make_args, make_timm, md_table, mean_std, paired, pct_cell, prepare, setup_logging,
+    log, make_args, make_timm, md_table, mean_std, paired, pct_cell, prepare, run_lines, setup_logging,
     train_eval,
 )
 
@@ -230,10 +230,7 @@ def write_report(sweep: Sweep, s: dict, name: str) -> None:
     lines += md_table(["configuration", "loss terms"], crow)
     lines += ["", "(Logged every 25 steps; the value at 100% is the last logging window. FitNets' values are "
               "from stage 2 only, where `loss_ce` / `loss_kd` exist.)"]
-    total_cpu, total_wall = sweep.meta.get("total_cpu_s", 0), sweep.meta.get("total_wall_s", 0)
-    lines += ["", "## Run", "",
-              f"Command: `{sweep.meta.get('command', '')}`. Whole benchmark: {total_cpu / 60:.1f} min CPU, "
-              f"{total_wall / 60:.1f} min wall (over all invocations that produced these runs).", "", *env_lines(sweep), ""]
+    lines += run_lines(sweep)
     (RESULTS_DIR / f"{name}.md").write_text("\n".join(lines))
     log.info("wrote %s", RESULTS_DIR / f"{name}.md")
 

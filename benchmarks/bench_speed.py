@@ -158,14 +158,8 @@ def spec_for(size: int):
     return InputSpec(mean=C.IMAGENET_MEAN, std=C.IMAGENET_STD, image_size=(size, size), in_chans=3)
 
 
-class StackedBatches(torch.utils.data.Dataset):
+class StackedBatches(C.BatchDataset):
     """Pre-collated batches as ``(pixel_values, labels)`` items (torchdistill's dataset convention)."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __len__(self):
-        return len(self.batches)
 
     def __getitem__(self, i):
         b = self.batches[i]
@@ -770,8 +764,6 @@ def child(args):
     import hf_distill  # noqa: F401
     from hf_distill.teacher_cache import with_teacher_cache  # noqa: F401
 
-    torch.set_num_threads(args.threads)
-    C.trainer_optimizer_kwargs()
     size, name = args.child_size, args.child
     out_dir = C.tmpdir("hfd_bench_speed_mem_")
     gc.collect()
@@ -933,10 +925,9 @@ def fmt_pair(wc):
 
 def main(argv=None):
     args = parse(argv)
-    if args.child:
-        C.trainer_optimizer_kwargs()  # before any trainer exists (see its docstring)
-        return child(args)
     malloc = C.prepare_process(args)
+    if args.child:
+        return child(args)
     t_start = time.perf_counter()
     work = C.tmpdir("hfd_bench_speed_")
     out_dir = os.path.join(work, "out")

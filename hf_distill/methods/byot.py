@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..exits import ExitHead, ExitSpec, MultiExitModel, deepest_target
+from ..exits import BOTTLENECKS, ExitHead, ExitSpec, MultiExitModel, deepest_target
 from ..losses import kd_loss, soft_kl
 from ..taps import num_prefix_tokens
 from .base import DistillationMethod, StepOutputs
 from .fitnets import Hints
+
+FEATURE_REDUCTIONS = ("sum", "mean")
 
 
 @dataclass
@@ -44,12 +46,13 @@ class BYOTArguments:
     byot_exit_bottleneck: str = field(
         default="sepconv",
         metadata={"help": "BYOT: exit bottleneck for feature maps: 'sepconv' (depthwise-separable, light; default) "
-                  "or 'conv' (full 3x3 convolutions, ~7x the parameters).", "choices": ["sepconv", "conv"]},
+                  "or 'conv' (full 3x3 convolutions, ~7x the parameters).", "choices": list(BOTTLENECKS)},
     )
     byot_feature_reduction: str = field(
         default="sum",
         metadata={"help": "BYOT: ||F_i - F_K||^2 summed over a sample's features ('sum', METHODS.md) or averaged "
-                  "over them ('mean': the term no longer grows with the feature size).", "choices": ["sum", "mean"]},
+                  "over them ('mean': the term no longer grows with the feature size).",
+                  "choices": list(FEATURE_REDUCTIONS)},
     )
     byot_export_exits: bool = field(
         default=False,
@@ -81,10 +84,11 @@ class BeYourOwnTeacher(DistillationMethod):
             return
         if not 0.0 <= args.byot_alpha <= 1.0 or args.byot_feature_weight < 0:
             raise ValueError("byot_alpha must be in [0, 1] and byot_feature_weight >= 0")
-        if args.byot_exit_bottleneck not in ("sepconv", "conv"):
-            raise ValueError(f"byot_exit_bottleneck must be 'sepconv' or 'conv', got '{args.byot_exit_bottleneck}'")
-        if args.byot_feature_reduction not in ("sum", "mean"):
-            raise ValueError(f"byot_feature_reduction must be 'sum' or 'mean', got '{args.byot_feature_reduction}'")
+        if args.byot_exit_bottleneck not in BOTTLENECKS:
+            raise ValueError(f"byot_exit_bottleneck must be one of {BOTTLENECKS}, got '{args.byot_exit_bottleneck}'")
+        if args.byot_feature_reduction not in FEATURE_REDUCTIONS:
+            raise ValueError(f"byot_feature_reduction must be one of {FEATURE_REDUCTIONS}, "
+                             f"got '{args.byot_feature_reduction}'")
         if args.hint_layers:
             if args.hint_weight <= 0:
                 raise ValueError("byot with hint_layers: set hint_weight > 0 (the weight of the FitNets hint term)")
