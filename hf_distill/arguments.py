@@ -14,6 +14,7 @@ from .methods import METHODS, get_method
 _METHOD_ARGUMENTS = tuple(dict.fromkeys(m.arguments for m in METHODS.values() if m.arguments is not None))
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_SECRET_FIELDS = ("hub_token", "push_to_hub_token")
 
 
 @dataclass
@@ -100,9 +101,20 @@ class DistillationTrainingArguments(*_METHOD_ARGUMENTS, TrainingArguments):
             "models' `forward(x)` signature would make the Trainer drop them."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "CLI: train even if output_dir already holds a saved model, which is then replaced "
+                  "(resuming from a checkpoint in it needs no overwrite)."},
+    )
 
     def __post_init__(self):
+        from .trainer_arguments import SUPPORT, WORKS, check_trainer_arguments
+
+        # values as given, before TrainingArguments normalises them (it sets do_eval from eval_strategy, ...)
+        declared = {name: getattr(self, name) for name, (status, _) in SUPPORT.items()
+                    if status != WORKS and hasattr(self, name)}
         super().__post_init__()
+        check_trainer_arguments(self, declared)
         method = get_method(self.distill_method)  # raises with the list of valid names
         if self.temperature is None:
             self.temperature = method.default_temperature
@@ -125,6 +137,15 @@ class DistillationTrainingArguments(*_METHOD_ARGUMENTS, TrainingArguments):
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got '{self.teacher_dtype}'")
         method.validate(self)
+
+    def __getstate__(self):
+        # Pickled arguments end up in training_args.bin next to every saved model and checkpoint, and
+        # pushes upload them: access tokens must never be part of them.
+        state = self.__dict__.copy()
+        for key in _SECRET_FIELDS:
+            if key in state:
+                state[key] = None
+        return state
 
     @property
     def teacher_names(self) -> list[str]:

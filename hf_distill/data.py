@@ -8,12 +8,15 @@ transforms; the trainer re-normalises for the teacher on the fly.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable
 
 import torch
 
 from .models import InputSpec
+
+logger = logging.getLogger(__name__)
 
 DIGITS = "sklearn-digits"
 
@@ -40,13 +43,31 @@ def load_image_dataset(name: str, config_name: str | None = None, cache_dir: str
     if name == DIGITS:
         return digits_dataset()
     if os.path.isdir(name):
-        if os.path.exists(os.path.join(name, "dataset_dict.json")) or os.path.exists(
-            os.path.join(name, "dataset_info.json")
-        ):
-            ds = datasets.load_from_disk(name)
-            return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict(train=ds)
-        return datasets.load_dataset("imagefolder", data_dir=name, cache_dir=cache_dir)
+        # a local folder: nothing is downloaded, so no download / generation progress bars
+        with _quiet_datasets():
+            if os.path.exists(os.path.join(name, "dataset_dict.json")) or os.path.exists(
+                os.path.join(name, "dataset_info.json")
+            ):
+                ds = datasets.load_from_disk(name)
+                return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict(train=ds)
+            return datasets.load_dataset("imagefolder", data_dir=name, cache_dir=cache_dir)
     return datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+
+
+class _quiet_datasets:
+    """Turn off ``datasets``' progress bars for a block (restoring the previous setting)."""
+
+    def __enter__(self):
+        import datasets
+
+        self.was_enabled = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+
+    def __exit__(self, *exc):
+        import datasets
+
+        if self.was_enabled:
+            datasets.enable_progress_bars()
 
 
 def split_train_eval(dsd, train_split: str = "train", eval_split: str | None = None, eval_fraction: float = 0.15,
@@ -62,7 +83,9 @@ def split_train_eval(dsd, train_split: str = "train", eval_split: str | None = N
     for candidate in ("validation", "valid", "val", "test"):
         if candidate in dsd and candidate != train_split:
             return train, dsd[candidate]
-    parts = train.train_test_split(test_size=eval_fraction, seed=seed)
+    # held out at random, with every class in the same proportion when the labels are a ClassLabel
+    stratify = label_column if hasattr(train.features.get(label_column), "names") else None
+    parts = train.train_test_split(test_size=eval_fraction, seed=seed, stratify_by_column=stratify)
     return parts["train"], parts["test"]
 
 
@@ -90,21 +113,95 @@ def build_transform(spec: InputSpec, training: bool = False, augmentation: str =
     return lambda image: tf(image.convert(mode))
 
 
+class BadImageError(ValueError):
+    """An image that cannot be decoded; the message names its file (or says it has none)."""
+
+
+# Unreadable images met in this process: {file or description: error}. Training and evaluation skip
+# them with a warning (once per image); the CLI reports the count at the end.
+SKIPPED_IMAGES: dict[str, str] = {}
+
+
+def without_image_decoding(dataset, image_column: str = "image"):
+    """The dataset with its image column left undecoded (``{"path", "bytes"}``), so that decoding
+    happens in :func:`decode_image`, where an unreadable file can be named. Cheap: only the feature
+    type changes."""
+    from datasets import Image
+
+    feature = dataset.features.get(image_column) if getattr(dataset, "features", None) else None
+    if isinstance(feature, Image) and feature.decode:
+        return dataset.cast_column(image_column, Image(decode=False))
+    return dataset
+
+
+def decode_image(value):
+    """A loaded PIL image from a ``datasets`` image value: a PIL image, or ``{"path", "bytes"}``.
+
+    Raises :class:`BadImageError` naming the file when it cannot be read.
+    """
+    import io
+
+    from PIL import Image as PILImage
+
+    if isinstance(value, PILImage.Image):
+        return value
+    if not isinstance(value, dict):
+        raise BadImageError(f"expected an image, got a value of type {type(value).__name__}")
+    path = value.get("path")
+    where = f"'{path}'" if path else "an image stored in the dataset (no file path)"
+    try:
+        if value.get("bytes") is not None:
+            image = PILImage.open(io.BytesIO(value["bytes"]))
+        elif path:
+            image = PILImage.open(path)
+        else:
+            raise BadImageError("an image value with neither bytes nor a path")
+        image.load()  # decode now: truncated files fail here, not later in a worker
+        return image
+    except BadImageError:
+        raise
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        raise BadImageError(f"cannot read {where}: {err}") from err
+
+
+def _image_name(value) -> str:
+    return str(value.get("path")) if isinstance(value, dict) and value.get("path") else "<in-memory image>"
+
+
 def with_image_transform(dataset, spec: InputSpec, training: bool = False, augmentation: str = "none",
-                         image_column: str = "image", label_column: str = "label"):
-    """The dataset, lazily mapped to ``{"pixel_values", "labels"}`` (a ``datasets`` transform)."""
-    for col in (image_column, label_column):
-        if col not in dataset.column_names:
-            raise ValueError(f"column '{col}' not in the dataset; columns: {dataset.column_names}")
+                         image_column: str = "image", label_column: str | None = "label"):
+    """The dataset, lazily mapped to ``{"pixel_values", "labels"}`` (a ``datasets`` transform).
+
+    ``label_column=None`` (or a dataset without a ``"label"`` column when the default is kept)
+    gives unlabelled examples (``pixel_values`` only), e.g. for ``trainer.predict``. An image
+    that cannot be read is skipped with a warning naming its file; the batch is one shorter.
+    """
+    columns = dataset.column_names
+    if image_column not in columns:
+        raise ValueError(f"column '{image_column}' not in the dataset; columns: {columns}")
+    if label_column is not None and label_column not in columns:
+        if label_column != "label":
+            raise ValueError(f"column '{label_column}' not in the dataset; columns: {columns}")
+        label_column = None  # the default name and no such column: an unlabelled dataset
     tf = build_transform(spec, training, augmentation)
 
     def transform(batch):
-        return {
-            "pixel_values": [tf(img) for img in batch[image_column]],
-            "labels": list(batch[label_column]),
-        }
+        pixel_values = []
+        for value in batch[image_column]:
+            try:
+                pixel_values.append(tf(decode_image(value)))
+            except BadImageError as err:
+                name = _image_name(value)
+                if name not in SKIPPED_IMAGES:
+                    logger.warning("skipping an unreadable image: %s", err)
+                SKIPPED_IMAGES[name] = str(err)
+                pixel_values.append(None)
+        out = {"pixel_values": pixel_values}
+        if label_column is not None:
+            out["labels"] = list(batch[label_column])
+        return out
 
-    return dataset.with_transform(transform)
+    return without_image_decoding(dataset, image_column).with_transform(transform)
 
 
 def label_names(dataset, label_column: str = "label") -> list[str] | None:
@@ -113,14 +210,21 @@ def label_names(dataset, label_column: str = "label") -> list[str] | None:
 
 
 def collate_images(examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack ``pixel_values`` and ``labels`` (accepts ``label`` too) into a batch.
+    """Stack ``pixel_values`` and ``labels`` (accepts ``label`` too; none for unlabelled data) into a batch.
 
-    ``teacher_logits`` (cached soft labels, see :mod:`hf_distill.teacher_cache`) are stacked too.
+    Examples whose image could not be read (``pixel_values`` None) are dropped. ``teacher_logits``
+    (cached soft labels, see :mod:`hf_distill.teacher_cache`) are stacked too.
     """
+    kept = [e for e in examples if e.get("pixel_values") is not None]
+    if not kept:
+        raise BadImageError(f"none of the {len(examples)} images of a batch could be read; the files are listed "
+                            "in the warnings above")
+    examples = kept
     pixel_values = torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])
-    key = "labels" if "labels" in examples[0] else "label"
-    labels = torch.tensor([int(e[key]) for e in examples], dtype=torch.long)
-    batch = {"pixel_values": pixel_values, "labels": labels}
+    batch = {"pixel_values": pixel_values}
+    key = "labels" if "labels" in examples[0] else "label" if "label" in examples[0] else None
+    if key is not None:
+        batch["labels"] = torch.tensor([int(e[key]) for e in examples], dtype=torch.long)
     if "teacher_logits" in examples[0]:
         batch["teacher_logits"] = torch.stack([torch.as_tensor(e["teacher_logits"]) for e in examples]).float()
     return batch

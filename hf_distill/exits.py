@@ -105,13 +105,14 @@ class ExitHead(nn.Module):
         s = self.spec
         return (s.out_shape[-2], s.out_shape[-1]) if s.out_layout == NCHW else (s.out_shape[1], s.out_shape[2])
 
-    def features(self, h: torch.Tensor) -> torch.Tensor:
-        """The bottlenecked feature F_i, in the deepest feature's common layout."""
+    def features(self, h: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        """The bottlenecked feature F_i, in the deepest feature's common layout, at spatial ``size``
+        (the deepest feature's actual size; default: its size in the probe the exit was built from)."""
         if self.tokens:
             return self.bottleneck(h)
         y = self.bottleneck(to_nchw(h, self.spec.in_layout, self.spec.num_prefix_tokens))
-        size = self.target_size()
-        if tuple(y.shape[-2:]) != tuple(size):
+        size = tuple(size) if size is not None else self.target_size()
+        if tuple(y.shape[-2:]) != size:
             y = F.adaptive_avg_pool2d(y, size)
         return y
 
@@ -121,8 +122,8 @@ class ExitHead(nn.Module):
             return self.classifier(self.norm(pooled))
         return self.classifier(f.mean(dim=(-2, -1)))
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.features(h)
+    def forward(self, h: torch.Tensor, size: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(h, size)
         return self.classify(f), f
 
 

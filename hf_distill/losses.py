@@ -18,6 +18,11 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
+def label_ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy with the labels (``label_smoothing`` as ``--label_smoothing_factor``), in float32."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=float(label_smoothing))
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -25,6 +30,7 @@ def kd_loss(
     temperature: float,
     alpha: float,
     kind: str = "kl",
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Hinton KD: ``(1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(p_t || p_s)``.
 
@@ -35,7 +41,7 @@ def kd_loss(
     if labels is None or alpha == 1.0:
         ce = kd.new_zeros(())
     else:
-        ce = F.cross_entropy(student_logits.float(), labels)
+        ce = label_ce(student_logits, labels, label_smoothing)
     total = (1.0 - alpha) * ce + alpha * kd
     return total, {"loss_ce": ce.detach(), ("loss_kd" if kind == "kl" else "loss_mse"): kd.detach()}
 

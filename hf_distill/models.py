@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,6 +67,19 @@ def model_name(model: nn.Module) -> str:
     if is_timm_model(model):
         return model.pretrained_cfg["architecture"]
     return type(model).__name__
+
+
+def display_name(model: nn.Module) -> str:
+    """:func:`model_name` for people (cards): a local folder is named by its last part."""
+    return short_name(model_name(model))
+
+
+def short_name(name: str) -> str:
+    """A model name or path for people: ``local-dir:`` paths and local folders by their last part."""
+    path = name[len("local-dir:"):] if name.startswith("local-dir:") else name
+    if name.startswith("local-dir:") or os.path.isabs(path) or os.path.isdir(path):
+        return os.path.basename(os.path.normpath(path)) or name
+    return name
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -147,6 +160,8 @@ class InputSpec:
     in_chans: int = 3
     fixed_size: bool = False  # the model cannot take another size (ViT without dynamic size)
     interpolation: str = "bilinear"
+    # where the statistics came from (for the log line each teacher's input adapter writes); not compared
+    source: str = field(default="declared", compare=False)
 
     def __post_init__(self):
         # One value per channel: a 3-value mean on a 1-channel image would silently broadcast.
@@ -215,8 +230,9 @@ def input_spec(model: nn.Module) -> InputSpec:
             in_chans=in_chans,
             fixed_size=fixed,
             interpolation=cfg.get("interpolation", "bilinear") or "bilinear",
+            source="timm data config",
         )
-    return InputSpec()
+    return InputSpec(source="not declared: ImageNet statistics assumed")
 
 
 def declares_input_spec(model: nn.Module) -> bool:
@@ -237,7 +253,9 @@ def _transformers_input_spec(model: nn.Module, processor: Any | None) -> InputSp
     fixed = hasattr(config, "patch_size") and hasattr(config, "image_size")
     size = _pair(getattr(config, "image_size", DEFAULT_IMAGE_SIZE) or DEFAULT_IMAGE_SIZE)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+    source = "no image processor found: ImageNet statistics assumed"
     if processor is not None:
+        source = f"image processor ({type(processor).__name__})"
         mean = tuple(getattr(processor, "image_mean", None) or mean)
         std = tuple(getattr(processor, "image_std", None) or std)
         crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
@@ -252,7 +270,8 @@ def _transformers_input_spec(model: nn.Module, processor: Any | None) -> InputSp
                 size = _pair(get("shortest_edge"))
     elif getattr(config, "model_type", "") in ("vit", "deit", "beit", "dinov2", "swin"):
         mean, std = (0.5,) * 3, (0.5,) * 3  # these processors default to [-1, 1]
-    return InputSpec(mean=mean, std=std, image_size=size, in_chans=in_chans, fixed_size=fixed)
+        source = f"no image processor found: mean/std 0.5 guessed from model_type '{config.model_type}'"
+    return InputSpec(mean=mean, std=std, image_size=size, in_chans=in_chans, fixed_size=fixed, source=source)
 
 
 class InputAdapter(nn.Module):
@@ -283,6 +302,22 @@ class InputAdapter(nn.Module):
         self.register_buffer("scale", (s_std / t_std).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
 
+    def describe(self) -> str:
+        """What the adapter does, in words (logged once per teacher)."""
+        if self.identity:
+            return "none: the teacher takes the student's batches as they are"
+        s, t = self.source, self.target
+        steps = []
+        if s.in_chans != t.in_chans:
+            steps.append("grey -> RGB (channel repeated)" if s.in_chans == 1 else "RGB -> grey (channel mean)")
+        if s.mean != t.mean or s.std != t.std:
+            steps.append(f"re-normalised from mean {_fmt_stats(s.mean)} / std {_fmt_stats(s.std)} to mean "
+                         f"{_fmt_stats(t.mean)} / std {_fmt_stats(t.std)}")
+        if self.resize:
+            steps.append(f"resized {s.image_size[0]}x{s.image_size[1]} -> {t.image_size[0]}x{t.image_size[1]} "
+                         "(the teacher takes a fixed size)")
+        return "; ".join(steps) + f" (teacher statistics: {t.source})"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.identity:
             return x
@@ -296,6 +331,10 @@ class InputAdapter(nn.Module):
                 x, size=tuple(self.target.image_size), mode="bilinear", align_corners=False
             )
         return x
+
+
+def _fmt_stats(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,34 +408,61 @@ def load_model(
       (``AutoModelForImageClassification``); a local folder with a config but no weights
       gives a freshly initialised model of that architecture.
 
-    ``num_labels`` replaces the classification head when it differs from the checkpoint's.
-    Extra ``kwargs`` go to ``timm.create_model`` or ``from_pretrained``.
+    ``pretrained=False`` builds the architecture with random weights whatever the source (the
+    config is still read). ``num_labels`` replaces the classification head when it differs from
+    the checkpoint's. Extra ``kwargs`` go to ``timm.create_model`` or ``from_pretrained``.
     """
     name = str(name_or_path)
     if name.startswith(("hf-hub:", "local-dir:")):
-        model = _load_timm(name, num_labels, pretrained=True, cache_dir=cache_dir, **kwargs)
+        model = _load_timm(name, num_labels, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
     elif os.path.isdir(name):
         cfg = _read_json(Path(name) / "config.json")
         if cfg is None:
             raise ModelLoadError(f"folder '{name}' has no config.json: not a saved timm or transformers model")
         if _is_timm_config(cfg):
-            model = _load_timm(f"local-dir:{name}", num_labels, pretrained=True, **kwargs)
+            model = _load_timm(f"local-dir:{name}", num_labels, pretrained=pretrained, **kwargs)
         else:
-            model = _load_transformers(name, num_labels, revision, cache_dir, token, **kwargs)
+            model = _load_transformers(name, num_labels, revision, cache_dir, token, pretrained, **kwargs)
     else:
         import timm
 
         if timm.is_model(name):
             model = _load_timm(name, num_labels, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
         else:
+            if "/" not in name.strip("/"):
+                # not a timm name, not a folder, and not shaped like a Hub repo id (org/name): asking
+                # the Hub would only end in retries and an offline message
+                raise ModelLoadError(_not_found_message(name))
             cfg = _hub_config(name, revision, cache_dir, token)
             if _is_timm_config(cfg):
-                model = _load_timm(f"hf-hub:{name}", num_labels, pretrained=True, cache_dir=cache_dir, **kwargs)
+                model = _load_timm(f"hf-hub:{name}", num_labels, pretrained=pretrained, cache_dir=cache_dir,
+                                   **kwargs)
             else:
-                model = _load_transformers(name, num_labels, revision, cache_dir, token, **kwargs)
+                model = _load_transformers(name, num_labels, revision, cache_dir, token, pretrained, **kwargs)
     model.hf_distill_source = name
+    if not hasattr(model, "hf_distill_init"):
+        model.hf_distill_init = _init_description(model, name, pretrained)
     set_label_names(model, label_names)
     return model
+
+
+def _not_found_message(name: str) -> str:
+    import difflib
+
+    import timm
+
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Close timm names: {', '.join(close)}." if close else " `timm.list_models('*pattern*')` lists timm names."
+    return (f"'{name}' is neither a timm architecture, a local folder, nor a Hub repository id (org/name).{hint}")
+
+
+def _init_description(model: nn.Module, name: str, pretrained: bool) -> str:
+    """Where the weights a model starts from came from (for model cards)."""
+    if not pretrained:
+        return "random initialisation"
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    weights = cfg.get("hf_hub_id") or (f"{cfg['architecture']}.{cfg['tag']}" if cfg.get("tag") else None)
+    return f"pretrained weights of {weights or name}"
 
 
 def _load_timm(name: str, num_labels: int | None, pretrained: bool, cache_dir=None, **kwargs) -> nn.Module:
@@ -414,7 +480,7 @@ def _load_timm(name: str, num_labels: int | None, pretrained: bool, cache_dir=No
         raise
 
 
-def _load_transformers(name, num_labels, revision, cache_dir, token, **kwargs) -> nn.Module:
+def _load_transformers(name, num_labels, revision, cache_dir, token, pretrained=True, **kwargs) -> nn.Module:
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
     local = os.path.isdir(name)
@@ -423,17 +489,21 @@ def _load_transformers(name, num_labels, revision, cache_dir, token, **kwargs) -
     )
     hub_kw = {"revision": revision, "cache_dir": cache_dir, "token": token}
     try:
-        if has_weights:
+        if has_weights and pretrained:
             extra = {}
             if num_labels is not None:
                 extra = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
             model = AutoModelForImageClassification.from_pretrained(name, **hub_kw, **extra, **kwargs)
         else:
             config = AutoConfig.from_pretrained(name, **hub_kw)
-            if num_labels is not None:
+            if num_labels is not None and num_labels != config.num_labels:
                 config.num_labels = num_labels
-            logger.warning("'%s' has a config but no weights: the model starts from random init", name)
+                config.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+                config.label2id = {v: k for k, v in config.id2label.items()}
+            if pretrained:
+                logger.warning("'%s' has a config but no weights: the model starts from random init", name)
             model = AutoModelForImageClassification.from_config(config, **kwargs)
+            model.hf_distill_init = "random initialisation"
     except OSError as err:
         if _is_offline_error(err):
             raise ModelLoadError(_offline_message(name, revision)) from err
@@ -492,12 +562,29 @@ def save_native(model: nn.Module, output_dir: str | os.PathLike, state_dict: dic
             data_config={"input_size": (spec.in_chans, *spec.image_size), "mean": spec.mean, "std": spec.std,
                          "crop_pct": 1.0},
         )
+        _drop_weight_provenance(output_dir / "config.json")
         if state_dict is not None:  # save_for_hf saves the live weights; honour an explicit state dict
             safetensors.torch.save_file(_contiguous(state_dict), str(output_dir / WEIGHTS_NAME))
     else:
         sd = state_dict if state_dict is not None else model.state_dict()
         safetensors.torch.save_file(_contiguous(sd), str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     return family
+
+
+# pretrained_cfg keys that describe the checkpoint a model was created from; a trained student's
+# weights are its own, so they must not claim that checkpoint's tag, papers, licence or source.
+_WEIGHT_PROVENANCE_KEYS = ("tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source", "paper_ids", "paper_name",
+                           "origin_url", "license", "notes")
+
+
+def _drop_weight_provenance(config_path: Path) -> None:
+    cfg = _read_json(config_path)
+    pretrained_cfg = (cfg or {}).get("pretrained_cfg")
+    if not isinstance(pretrained_cfg, dict):
+        return
+    for key in _WEIGHT_PROVENANCE_KEYS:
+        pretrained_cfg.pop(key, None)
+    config_path.write_text(json.dumps(cfg, indent=2))
 
 
 def _contiguous(sd: dict) -> dict:

@@ -83,6 +83,7 @@ __all__ = [
     "num_prefix_tokens",
     "pool_features",
     "probe_shapes",
+    "resize_map",
     "resolve_module",
     "to_nchw",
 ]
@@ -308,6 +309,19 @@ def to_nchw(
     b, n, c = tokens.shape
     h, w = _grid(n, grid_size, num_prefix_tokens)
     return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
+def resize_map(y: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """An ``[B, C, H, W]`` map brought to spatial ``size``: average pooling to shrink, bilinear to grow.
+
+    Parameter-free, so features can be aligned where the sizes are known (at run time: images come
+    at any size), outside the modules that were built from a probe's shapes."""
+    size = (int(size[-2]), int(size[-1]))
+    if tuple(y.shape[-2:]) == size:
+        return y
+    if y.shape[-2] >= size[0] and y.shape[-1] >= size[1]:
+        return torch.nn.functional.adaptive_avg_pool2d(y, size)
+    return torch.nn.functional.interpolate(y, size=size, mode="bilinear", align_corners=False)
 
 
 def pool_features(t: torch.Tensor, layout: str, num_prefix_tokens: int = 0) -> torch.Tensor:

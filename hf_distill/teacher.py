@@ -66,9 +66,23 @@ class Teachers(nn.Module):
         )
         # Hint features come from the first teacher (the one a method's layer names refer to).
         self._taps = FeatureTaps(self.models[0], layers, detach=True) if layers and len(self.models) else None
+        self._features: dict[str, torch.Tensor] = {}
+
+    def describe_inputs(self) -> list[str]:
+        """One line per teacher saying what its input adapter does to the student's batches."""
+        return [f"teacher {i} ({model_name(t)}): input adapter: {a.describe()}"
+                for i, (t, a) in enumerate(zip(self.models, self.adapters))]
+
+    def prepare_input(self, i: int, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Teacher ``i``'s input for a student batch: adapted, in the teacher's dtype."""
+        return self.adapters[i](pixel_values).to(_dtype_of(self.models[i]))
 
     def pop_features(self) -> dict[str, torch.Tensor]:
-        return self._taps.pop() if self._taps is not None else {}
+        """The first teacher's tapped features from the last forward (then forgotten)."""
+        if self._taps is not None:
+            self._taps.clear()
+        out, self._features = self._features, {}
+        return out
 
     def train(self, mode: bool = True) -> "Teachers":
         # train() would re-enable dropout and BatchNorm updates in a frozen teacher
@@ -80,21 +94,24 @@ class Teachers(nn.Module):
     @torch.no_grad()
     def features_only(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """The first teacher's tapped features, running it only as far as the deepest tapped layer."""
-        x = self.adapters[0](pixel_values).to(_dtype_of(self.models[0]))
-        return self._taps.run_until_complete(call_model, self.models[0], x)
+        return self._taps.run_until_complete(call_model, self.models[0], self.prepare_input(0, pixel_values))
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, which: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """Each teacher's logits (float32) on the batch (only teachers ``which`` when given)."""
+        """Each teacher's logits (float32) on the batch (only teachers ``which`` when given).
+
+        The first teacher's tapped features are kept for :meth:`pop_features`; when it is not among
+        ``which`` it still runs, as far as its deepest tapped layer, since hints always come from it.
+        """
         outs = []
-        for i, (teacher, adapter) in enumerate(zip(self.models, self.adapters)):
+        for i, teacher in enumerate(self.models):
             if which is not None and i not in which:
                 continue
-            x = adapter(pixel_values)
-            weight = next(teacher.parameters(), None)
-            if weight is not None and weight.is_floating_point():
-                x = x.to(weight.dtype)
-            outs.append(call_model(teacher, x).float())
+            outs.append(call_model(teacher, self.prepare_input(i, pixel_values)).float())
+            if i == 0 and self._taps is not None:
+                self._features = self._taps.pop()
+        if self._taps is not None and which is not None and 0 not in which:
+            self._features = self.features_only(pixel_values)
         return outs
 
 

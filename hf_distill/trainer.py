@@ -22,13 +22,15 @@ from .model_card import CardContext, build_model_card, measure_latency_ms
 from .models import (
     call_model,
     count_parameters,
+    display_name,
     input_spec,
+    is_transformers_model,
     label_names_of,
     load_model,
     load_native_weights,
     model_family,
-    model_name,
     save_native,
+    short_name,
 )
 from .taps import FeatureTaps, probe_features
 from .teacher import Teachers, check_label_spaces
@@ -46,6 +48,9 @@ class DistillationModel(nn.Module):
     ``student`` is exported.
     """
 
+    # The Trainer reads ``model.config`` (label smoothing, use_cache); the container has none of its own.
+    config = None
+
     def __init__(self, student: nn.Module, extras: nn.ModuleDict, method, layers: Sequence[str] = ()):
         super().__init__()
         self.student = student
@@ -53,9 +58,38 @@ class DistillationModel(nn.Module):
         self._method = method  # plain attributes: not modules, not saved
         self._taps = FeatureTaps(student, layers) if layers else None
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        """``--gradient_checkpointing`` / ``--activation_checkpointing``: recompute the student's
+        activations in the backward pass (timm ``set_grad_checkpointing``, transformers'
+        ``gradient_checkpointing_enable``). Teachers keep no activations anyway (no autograd)."""
+        student = self.student
+        if is_transformers_model(student):
+            if not getattr(student, "supports_gradient_checkpointing", False):
+                raise ValueError(f"gradient_checkpointing: {type(student).__name__} does not support it")
+            if hasattr(student, "activation_checkpointing_enable"):
+                student.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                        every_n_layers=every_n_layers, offload=offload)
+            else:
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+        elif hasattr(student, "set_grad_checkpointing"):  # timm
+            if activation_checkpointing_kwargs or every_n_layers != 1 or offload:
+                raise ValueError("gradient_checkpointing_kwargs: timm students take no options "
+                                 "(timm's set_grad_checkpointing checkpoints every block)")
+            student.set_grad_checkpointing(True)
+        else:
+            raise ValueError(f"gradient_checkpointing: the student ({type(student).__name__}) is neither a timm nor a "
+                             "transformers model, so it has no checkpointing switch; wrap its blocks in "
+                             "torch.utils.checkpoint yourself")
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
+
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
                 features_only: bool = False) -> dict[str, Any]:
         """``features_only``: run the student only up to its last tapped layer (logits None)."""
+        weight = next(self.student.parameters(), None)
+        if weight is not None and weight.is_floating_point() and pixel_values.dtype != weight.dtype:
+            pixel_values = pixel_values.to(weight.dtype)  # --bf16_full_eval / --fp16_full_eval cast the student
         if features_only and self._taps is not None:
             logits, features = None, self._taps.run_until_complete(call_model, self.student, pixel_values)
         else:
@@ -79,10 +113,17 @@ def _load_accuracy():
 _ACCURACY = None
 
 
+def _concat(value):
+    # with eval_do_concat_batches=False the Trainer hands over a list of per-batch arrays
+    if isinstance(value, list):
+        return np.concatenate([np.asarray(v) for v in value])
+    return np.asarray(value)
+
+
 def _accuracy(logits, labels) -> float:
     global _ACCURACY
-    pred_ids = np.asarray(logits).argmax(-1)
-    labels = np.asarray(labels)
+    pred_ids = _concat(logits).argmax(-1)
+    labels = _concat(labels)
     if _ACCURACY is None:
         _ACCURACY = _load_accuracy() or False
     if _ACCURACY:
@@ -93,7 +134,11 @@ def _accuracy(logits, labels) -> float:
 def accuracy_metrics(eval_pred, names: Sequence[str] = ()) -> dict[str, float]:
     """Default ``compute_metrics``: top-1 accuracy of the student (and of named extra outputs)."""
     preds = eval_pred.predictions
-    if not isinstance(preds, (tuple, list)):
+    if eval_pred.label_ids is None:  # unlabelled evaluation data: nothing to score
+        return {}
+    if isinstance(preds, list) and preds and isinstance(preds[0], (tuple, list)):  # per batch, several outputs
+        preds = tuple(list(p) for p in zip(*preds))
+    elif not isinstance(preds, tuple):
         preds = (preds,)
     metrics = {"accuracy": _accuracy(preds[0], eval_pred.label_ids)}
     for name, logits in zip(names, preds[1:]):
@@ -135,6 +180,12 @@ class DistillationTrainer(Trainer):
         if model is None:
             raise ValueError("pass the student as `model=` (a module or a name for load_model)")
         student = load_model(model) if isinstance(model, str) else model
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("compute_loss_func is not supported: the distillation method computes the loss "
+                             "(DistillationTrainer.compute_loss); choose or add a method instead")
+        if args.batch_eval_metrics and compute_metrics is None:
+            raise ValueError("batch_eval_metrics needs a compute_metrics that accepts compute_result; the default "
+                             "accuracy metric scores the whole evaluation set at once")
 
         self.method = get_method(args.distill_method)(args)
         teachers = self._resolve_teachers(teacher_model, args)
@@ -143,21 +194,25 @@ class DistillationTrainer(Trainer):
                 f"distill_method='{args.distill_method}' needs a teacher: pass teacher_model= or set "
                 "teacher_model_name_or_path"
             )
-        if args.teacher_cache_dir and self.method.teacher_layers():
-            raise ValueError(f"distill_method='{args.distill_method}' needs teacher features, which a teacher-output "
-                             "cache does not hold: drop teacher_cache_dir or use a logit method (kd, noisy_teacher)")
+        self.teacher_cache = self._check_teacher_cache(args, teachers, train_dataset)
         check_label_spaces(student, teachers)
         self.student_spec = input_spec(student)
         self.method.setup(student, teachers)
         self.teachers = Teachers(teachers, self.student_spec, self.method.teacher_layers())
+        for line in self.teachers.describe_inputs():
+            logger.info(line)
         extras = self.method.build_modules(student, list(self.teachers.models), self._probe(student))
-        self._teacher_metrics: dict[str, float] = {}
+        self._teacher_metrics: dict[tuple, float] = {}
         # Facts for the model card that the arguments do not hold (dataset, license, ...).
         self.card_info: dict[str, Any] = {}
         self._timing_cache: dict | None = None
-        self._logged_terms: dict[str, list[torch.Tensor]] = defaultdict(list)
+        # loss terms summed since the last log (running sums: nothing piles up when logging is off)
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_counts: dict[str, int] = defaultdict(int)
+        self.last_loss_terms: dict[str, torch.Tensor] = {}  # the terms of the last training step
         self._schedule_values: dict[str, float] = {}
         self._eval_output_names: list[str] = []
+        self._steps_per_epoch = 0
 
         wrapped = DistillationModel(student, extras, self.method, self.method.student_layers())
         if args.sync_batchnorm and args.world_size > 1:
@@ -187,6 +242,37 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.teachers.to(device=self.args.device, dtype=self._teacher_dtype())
 
+    def _check_teacher_cache(self, args, teachers, train_dataset):
+        """The teacher-output cache named by ``teacher_cache_dir``, checked now rather than at the first step."""
+        if not args.teacher_cache_dir:
+            return None
+        from .teacher_cache import TeacherCacheDataset, load_teacher_cache
+
+        if self.method.teacher_layers():
+            raise ValueError(f"distill_method='{args.distill_method}' needs teacher features, which a teacher-output "
+                             "cache does not hold: drop teacher_cache_dir or use a logit method (kd, noisy_teacher)")
+        if not self.method.uses_teacher:
+            raise ValueError(f"distill_method='{args.distill_method}' uses no teacher outputs: drop teacher_cache_dir")
+        if args.teacher_ensemble == "random":
+            raise ValueError("teacher_ensemble='random' cannot be served from a teacher-output cache, which stores the "
+                             "mean of the teachers' logits: use teacher_ensemble='mean' or train with live teachers")
+        if args.dataloader_persistent_workers:
+            raise ValueError("dataloader_persistent_workers would freeze the cached epoch in the workers (cached views "
+                             "change every epoch): leave it off with teacher_cache_dir")
+        cache = load_teacher_cache(args.teacher_cache_dir)  # refuses a missing or partial cache
+        if train_dataset is not None:
+            if not isinstance(train_dataset, TeacherCacheDataset):
+                raise ValueError(
+                    f"teacher_cache_dir='{args.teacher_cache_dir}' is set but train_dataset does not read from it: pass "
+                    "train_dataset=with_teacher_cache(raw_dataset, teacher_cache_dir, input_spec(student))")
+            if os.path.realpath(train_dataset.cache.cache_dir) != os.path.realpath(args.teacher_cache_dir):
+                raise ValueError(f"train_dataset reads the teacher cache in '{train_dataset.cache.cache_dir}' but "
+                                 f"teacher_cache_dir is '{args.teacher_cache_dir}'")
+        if teachers:
+            # the teachers named here are the ones cards and eval_teacher_accuracy report: they must be the cache's
+            cache.check(teachers=teachers)
+        return cache
+
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
     def _resolve_teachers(teacher_model, args) -> list[nn.Module]:
@@ -205,6 +291,7 @@ class DistillationTrainer(Trainer):
         if t_layers and len(self.teachers):
             teacher, adapter = self.teachers.models[0], self.teachers.adapters[0]
             probe["teacher"] = probe_features(teacher, t_layers, adapter(example))
+            self.teachers.pop_features()  # the probe's features must not reach the first step
         return probe
 
     def _teacher_dtype(self) -> torch.dtype:
@@ -237,7 +324,13 @@ class DistillationTrainer(Trainer):
     def progress(self) -> Progress:
         state = self.state
         return Progress(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0,
-                        num_epochs=float(getattr(state, "num_train_epochs", 0) or self.args.num_train_epochs))
+                        num_epochs=float(getattr(state, "num_train_epochs", 0) or self.args.num_train_epochs),
+                        steps_per_epoch=self._steps_per_epoch)
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        self._steps_per_epoch = values[1]  # update steps per epoch: schedules run on steps (max_steps, fractions)
+        return values
 
     # ------------------------------------------------------------------ training
     def teacher_logits(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
@@ -308,8 +401,10 @@ class DistillationTrainer(Trainer):
         )
         loss, terms = self.method.loss(step)
         if model.training:
-            for key, value in terms.items():
-                self._logged_terms[key].append(value.detach().float())
+            self.last_loss_terms = {key: value.detach().float() for key, value in terms.items()}
+            for key, value in self.last_loss_terms.items():
+                self._term_sums[key] = self._term_sums[key] + value if key in self._term_sums else value
+                self._term_counts[key] += 1
             # schedule values as they were for this step (the state has moved on by log time)
             self._schedule_values = self.method.log_values(progress)
         return (loss, out) if return_outputs else loss
@@ -326,11 +421,12 @@ class DistillationTrainer(Trainer):
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._logged_terms and not any(k.startswith("eval_") for k in logs):
-            for key, values in self._logged_terms.items():
-                mean = torch.stack(values).mean()
+        if self._term_sums and not any(k.startswith("eval_") for k in logs):
+            for key, total in self._term_sums.items():
+                mean = total / self._term_counts[key]
                 logs[key] = round(self.accelerator.reduce(mean, reduction="mean").item(), 6)
-            self._logged_terms.clear()
+            self._term_sums.clear()
+            self._term_counts.clear()
             logs.update(self._schedule_values)
         super().log(logs, start_time)
 
@@ -363,10 +459,12 @@ class DistillationTrainer(Trainer):
         self._sync_buffers()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
-        if len(self.teachers) and self.args.eval_teacher:
-            if metric_key_prefix not in self._teacher_metrics:
-                self._teacher_metrics[metric_key_prefix] = self._teacher_accuracy(dataloader)
-            output.metrics[f"{metric_key_prefix}_teacher_accuracy"] = self._teacher_metrics[metric_key_prefix]
+        if len(self.teachers) and self.args.eval_teacher and output.label_ids is not None:
+            # once per evaluation dataset (the teacher does not change), whatever the metric prefix
+            key = (id(dataloader.dataset), len(dataloader.dataset))
+            if key not in self._teacher_metrics:
+                self._teacher_metrics[key] = self._teacher_accuracy(dataloader)
+            output.metrics[f"{metric_key_prefix}_teacher_accuracy"] = self._teacher_metrics[key]
         return output
 
     @torch.no_grad()
@@ -395,7 +493,7 @@ class DistillationTrainer(Trainer):
         self.method.save(self.student, self.extra_modules, output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        torch.save(_without_secrets(self.args), os.path.join(output_dir, "training_args.bin"))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # pickles without tokens
         self.create_model_card(output_dir=output_dir)
 
     def _save_checkpoint(self, model, trial):
@@ -445,7 +543,7 @@ class DistillationTrainer(Trainer):
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
         world = self.accelerator.num_processes
         training = {
-            "epochs": round(float(self.state.epoch or args.num_train_epochs), 3),
+            "epochs": round(float(self.state.epoch or 0.0), 3),  # as trained, not as asked (0 when untrained)
             "steps": self.state.global_step,
             "train_batch_size": args.per_device_train_batch_size * world * args.gradient_accumulation_steps,
             "optimizer": str(getattr(args.optim, "value", args.optim)),
@@ -456,12 +554,19 @@ class DistillationTrainer(Trainer):
             "num_processes": world,
             "seed": args.seed,
         }
+        if args.label_smoothing_factor:
+            training["label_smoothing"] = args.label_smoothing_factor
+        if getattr(student, "hf_distill_init", None):
+            training["initialisation"] = student.hf_distill_init
+        teacher_names = [display_name(t) for t in self.teachers.models]
+        if not teacher_names and self.teacher_cache is not None:  # trained from cached outputs: name their teacher
+            teacher_names = [short_name(n) for n in self.teacher_cache.config.get("teacher_id") or []]
         ctx = CardContext(
-            student_name=model_name(student),
+            student_name=display_name(student),
             library_name=model_family(student),
             student_params=count_parameters(student),
             method=args.distill_method,
-            teacher_names=[model_name(t) for t in self.teachers.models],
+            teacher_names=teacher_names,
             teacher_params=[count_parameters(t) for t in self.teachers.models],
             method_paper=self.method.paper,
             hyperparameters=self.method.hyperparameters(),
@@ -489,8 +594,9 @@ class DistillationTrainer(Trainer):
             timing = {"student_ms_per_image": measure_latency_ms(self.student, x), "batch_size": 8,
                       "device": str(device), "image_size": f"{spec.image_size[0]}x{spec.image_size[1]}"}
             if len(self.teachers):
+                # each teacher as training runs it: through its input adapter, in its own dtype
                 timing["teacher_ms_per_image"] = sum(
-                    measure_latency_ms(t, a(x)) for t, a in zip(self.teachers.models, self.teachers.adapters))
+                    measure_latency_ms(t, self.teachers.prepare_input(i, x)) for i, t in enumerate(self.teachers.models))
             self._timing_cache = timing
         return self._timing_cache
 
@@ -507,14 +613,3 @@ class DistillationTrainer(Trainer):
         folder = output_dir or self.args.output_dir
         os.makedirs(folder, exist_ok=True)
         card.save(os.path.join(folder, "README.md"))
-
-
-def _without_secrets(args: DistillationTrainingArguments) -> DistillationTrainingArguments:
-    """A copy of the arguments with tokens removed, safe to save next to the model."""
-    import copy
-
-    clean = copy.copy(args)
-    for key in ("hub_token", "push_to_hub_token"):
-        if hasattr(clean, key):
-            setattr(clean, key, None)
-    return clean

@@ -94,7 +94,7 @@ def test_feature_mean_reduction_averages_over_features(data32, make_args):
         with torch.no_grad():
             out = t.model(pixel_values=batch["pixel_values"])
         t.compute_loss(t.model, batch)
-        terms[reduction] = t._logged_terms["loss_feature_exit1"][0].item()
+        terms[reduction] = t.last_loss_terms["loss_feature_exit1"].item()
         f1, fk = out["extra"]["exit_features"][0], out["extra"]["deepest_feature"]
         want = ((f1 - fk) ** 2).mean() if reduction == "mean" else ((f1 - fk) ** 2).flatten(1).sum(1).mean()
         assert terms[reduction] == pytest.approx(want.item(), rel=1e-5)
@@ -298,7 +298,7 @@ def test_byot_composes_with_fitnets_hints(data32, make_args):
     with torch.no_grad():
         hidden = teacher(pixel_values=t.teachers.adapters[0](batch["pixel_values"]), output_hidden_states=True)
     want_hint = hint_loss(out["extra"]["hints"]["regressed"][0], hidden.hidden_states[2])
-    assert t._logged_terms["loss_hint"][-1].item() == pytest.approx(want_hint.item(), rel=1e-5)
+    assert t.last_loss_terms["loss_hint"].item() == pytest.approx(want_hint.item(), rel=1e-5)
     # the hint is the only difference from BYOT + KD: remove it and the loss drops by hint_weight * hint
     t.method.hints, hints = None, t.method.hints
     without = t.compute_loss(t.model, batch).item()  # train-mode BN: the same batch gives the same forward

@@ -52,7 +52,7 @@ def test_hint_loss_in_trainer_matches_hand_computation(digits_small, make_args):
 def test_regressor_shapes_for_each_layout(s_shape, s_layout, t_shape, t_layout, prefix, want):
     reg = HintRegressor(s_shape, s_layout, t_shape, t_layout, *prefix)
     target = reg.target(torch.randn(t_shape))
-    assert tuple(reg(torch.randn(s_shape)).shape) == want == tuple(target.shape)
+    assert tuple(reg.align(reg(torch.randn(s_shape)), target).shape) == want == tuple(target.shape)
 
 
 def test_incompatible_layouts_are_a_clear_error():
@@ -150,7 +150,8 @@ def test_cnn_student_from_vit_teacher_tokens_mapped_to_grid(digits, make_args):
                                   args=make_args(distill_method="fitnets", hint_layers=["layer1:blocks.1"],
                                                  hint_epochs=100.0, max_steps=2))
     reg = trainer.extra_modules["0"]
-    assert reg.mode == "map" and reg.t_prefix == 1 and reg.target_size == (4, 4)  # 16 patches + cls
+    assert reg.mode == "map" and reg.t_prefix == 1  # 16 patches + cls on a 4x4 grid
+    assert reg.target(torch.zeros(2, 17, 192)).shape == (2, 192, 4, 4)
     trainer.train()
     assert all("loss_hint" in h for h in trainer.state.log_history if "loss" in h)
 

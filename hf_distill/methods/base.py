@@ -18,14 +18,22 @@ from torch import nn
 class Progress:
     """Where training stands, for schedules (stage-wise training, annealing)."""
 
-    step: int = 0
+    step: int = 0  # optimizer updates done before this one
     max_steps: int = 0
     epoch: float = 0.0
     num_epochs: float = 0.0
+    steps_per_epoch: int = 0  # optimizer updates per epoch (0 when unknown, e.g. before training)
 
     @property
     def fraction(self) -> float:
-        return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
+        """How far training is, 0 at the first step and 1 at the last (whatever max_steps or epochs say)."""
+        return min(1.0, self.step / (self.max_steps - 1)) if self.max_steps > 1 else 0.0
+
+    def steps_at_epoch(self, epoch: float) -> float:
+        """The step at which ``epoch`` (fractional) begins."""
+        if self.steps_per_epoch:
+            return epoch * self.steps_per_epoch
+        return epoch / self.num_epochs * self.max_steps if self.num_epochs else 0.0
 
 
 @dataclass
@@ -59,6 +67,16 @@ class DistillationMethod:
 
     def __init__(self, args):
         self.args = args
+
+    def labels_needed(self) -> bool:
+        """Whether training batches must carry labels (a batch without them is then refused)."""
+        return True
+
+    def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The label term's cross-entropy, with ``--label_smoothing_factor``."""
+        from ..losses import label_ce
+
+        return label_ce(logits, labels, self.args.label_smoothing_factor)
 
     @classmethod
     def validate(cls, args) -> None:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..exits import BOTTLENECKS, ExitHead, ExitSpec, MultiExitModel, deepest_target
@@ -141,11 +140,12 @@ class BeYourOwnTeacher(DistillationMethod):
 
     def forward_modules(self, modules, features):
         logits, feats = [], []
+        deepest = deepest_target(features[self.deepest_layer], self._deepest_layout, self._prefix)
+        size = None if deepest.ndim != 4 else deepest.shape[-2:]  # at run time: images come at any size
         for i, layer in enumerate(self.exit_layers):
-            z, f = modules[f"exit{i + 1}"](features[layer])
+            z, f = modules[f"exit{i + 1}"](features[layer], size)
             logits.append(z)
             feats.append(f)
-        deepest = deepest_target(features[self.deepest_layer], self._deepest_layout, self._prefix)
         out = {"exit_logits": logits, "exit_features": feats, "deepest_feature": deepest}
         if self.hints is not None:
             out["hints"] = self.hints.forward(modules, features)
@@ -156,17 +156,17 @@ class BeYourOwnTeacher(DistillationMethod):
         z_k = out.student_logits
         if out.teacher_logits is not None:  # the deepest classifier also learns from a teacher
             deep, deep_terms = kd_loss(z_k, out.teacher_logits, out.labels, self.args.temperature, self.args.alpha,
-                                       self.args.distill_loss)
+                                       self.args.distill_loss, self.args.label_smoothing_factor)
             terms = {f"{k}_deepest": v for k, v in deep_terms.items()}
         else:
-            deep = F.cross_entropy(z_k.float(), out.labels)
+            deep = self.ce(z_k, out.labels)
             terms = {"loss_ce_deepest": deep.detach()}
         total = deep
         target_logits = z_k.detach()
         target_feature = out.extra_outputs["deepest_feature"].detach()
         per_sample_sum = self.args.byot_feature_reduction == "sum"
         for i, (z_i, f_i) in enumerate(zip(out.extra_outputs["exit_logits"], out.extra_outputs["exit_features"])):
-            ce = F.cross_entropy(z_i.float(), out.labels)
+            ce = self.ce(z_i, out.labels)
             kl = soft_kl(z_i, target_logits, T)
             sq = (f_i.float() - target_feature.float()).pow(2)
             feat = sq.flatten(1).sum(1).mean() if per_sample_sum else sq.mean()

@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..losses import hint_loss, soft_term
 from ..schedules import SCHEDULES, anneal
-from ..taps import NHWC, TOKENS, VECTOR, num_prefix_tokens, to_nchw
+from ..taps import NHWC, TOKENS, VECTOR, num_prefix_tokens, resize_map, to_nchw
 from .base import DistillationMethod, Progress, StepOutputs
 
 
@@ -37,22 +36,27 @@ class FitNetsArguments:
             "`hf-distill layers MODEL` lists them), or `auto` to pair the middle stages of both models."
         },
     )
-    hint_epochs: float = field(
-        default=0.0,
-        metadata={"help": "FitNets stage 1 length in epochs (hint loss only, layers up to the guided one); 0: none."},
+    hint_epochs: Optional[float] = field(
+        default=None,
+        metadata={"help": "FitNets stage 1 length in epochs (hint loss only; the student trains up to its guided "
+                  "layers). Default: the first quarter of training when hint_weight is 0 (stage-wise, as the "
+                  "paper), else 0 (hints join the loss from the start)."},
     )
     hint_weight: float = field(
-        default=0.0, metadata={"help": "FitNets: weight of the hint loss kept in stage 2 (0 drops the regressors)."}
+        default=0.0,
+        metadata={"help": "Weight of the hint loss after stage 1 (FitNets stage 2, or BYOT with hints); 0 (default): "
+                  "stage 2 is KD alone and the regressors stop running."},
     )
     soft_weight_schedule: str = field(
-        default="constant",
-        metadata={"help": f"FitNets stage 2: schedule of the soft-term multiplier, one of {', '.join(SCHEDULES)}."},
+        default="linear",
+        metadata={"help": "FitNets stage 2: schedule of the soft-term multiplier from soft_weight_start to "
+                  f"soft_weight_end over stage 2, one of {', '.join(SCHEDULES)} (default linear, as the paper)."},
     )
     soft_weight_start: float = field(
-        default=1.0, metadata={"help": "FitNets: soft-term multiplier at the start of stage 2 (the paper: 4)."}
+        default=4.0, metadata={"help": "FitNets: soft-term multiplier at the start of stage 2 (default 4, the paper)."}
     )
     soft_weight_end: float = field(
-        default=1.0, metadata={"help": "FitNets: soft-term multiplier at the end of training (the paper: 1)."}
+        default=1.0, metadata={"help": "FitNets: soft-term multiplier at the last step (default 1, the paper)."}
     )
 
 
@@ -81,7 +85,6 @@ class HintRegressor(nn.Module):
     def __init__(self, s_shape, s_layout, t_shape, t_layout, s_prefix=0, t_prefix=0):
         super().__init__()
         self.s_layout, self.t_layout, self.s_prefix, self.t_prefix = s_layout, t_layout, s_prefix, t_prefix
-        self.target_size: tuple[int, int] | None = None  # spatial size of the hint, for "map" mode
         if VECTOR in (s_layout, t_layout):
             if s_layout != t_layout:
                 raise ValueError(f"cannot regress a {s_layout} feature {s_shape} onto a {t_layout} hint {t_shape}")
@@ -96,7 +99,6 @@ class HintRegressor(nn.Module):
             self.proj = nn.Linear(s_shape[-1], t_shape[-1])
             return
         self.mode = "map"
-        self.target_size = tuple(self.target(torch.zeros(t_shape)).shape[-2:])
         s_ch = s_shape[-1] if s_layout in (NHWC, TOKENS) else s_shape[1]
         t_ch = t_shape[-1] if t_layout in (NHWC, TOKENS) else t_shape[1]
         # 1x1 conv + BN: the paper's convolutional regressor in its common modern form
@@ -110,18 +112,17 @@ class HintRegressor(nn.Module):
         return t
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
+        """The projected student feature (channels mapped; a map keeps the student's spatial size:
+        :meth:`align` brings it to the hint's size once that is known)."""
         if self.mode == "tokens":
             return self.proj(s[:, self.s_prefix:])
         if self.mode == "vector":
             return self.proj(s)
-        size = self.target_size
-        y = self.proj(to_nchw(s, self.s_layout, self.s_prefix))
-        if size is not None and tuple(y.shape[-2:]) != tuple(size):
-            if y.shape[-2] >= size[0] and y.shape[-1] >= size[1]:
-                y = F.adaptive_avg_pool2d(y, size)
-            else:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-        return y
+        return self.proj(to_nchw(s, self.s_layout, self.s_prefix))
+
+    def align(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``pred`` resized to the hint's actual spatial size (images come at any size, not only the probe's)."""
+        return resize_map(pred, target.shape[-2:]) if self.mode == "map" else pred
 
 
 class Hints:
@@ -165,13 +166,15 @@ class Hints:
 
     def forward(self, modules, student_features) -> dict[str, list]:
         return {"regressed": [modules[k](student_features[s]) for k, (s, _) in zip(self.keys(), self.pairs)],
-                "targets": [modules[k].target for k in self.keys()]}
+                "regressors": [modules[k] for k in self.keys()]}
 
     def loss(self, extra_outputs, teacher_features) -> torch.Tensor:
-        """Sum over the pairs of the hint loss (METHODS.md section 2)."""
+        """Sum over the pairs of the hint loss (METHODS.md section 2), each regressed feature aligned
+        to its hint's actual size first."""
         total = 0.0
-        for (_, t), pred, target in zip(self.pairs, extra_outputs["regressed"], extra_outputs["targets"]):
-            total = total + hint_loss(pred, target(teacher_features[t]))
+        for (_, t), pred, regressor in zip(self.pairs, extra_outputs["regressed"], extra_outputs["regressors"]):
+            target = regressor.target(teacher_features[t])
+            total = total + hint_loss(regressor.align(pred, target), target)
         return total
 
 
@@ -193,12 +196,19 @@ class FitNets(DistillationMethod):
         if not args.hint_layers:
             raise ValueError("distill_method='fitnets' needs hint_layers ('student.module:teacher.module' or 'auto')")
         parse_hint_layers(args.hint_layers)
-        if args.hint_epochs < 0 or args.hint_weight < 0:
+        if (args.hint_epochs is not None and args.hint_epochs < 0) or args.hint_weight < 0:
             raise ValueError("hint_epochs and hint_weight must be >= 0")
+        if args.hint_epochs == 0 and args.hint_weight == 0:
+            raise ValueError("distill_method='fitnets' with hint_epochs=0 and hint_weight=0 never uses the hints (it "
+                             "would be plain KD): give hint_epochs > 0 (stage-wise, as the paper; the default is a "
+                             "quarter of training) or hint_weight > 0 (hints in the loss throughout)")
         if args.soft_weight_schedule not in SCHEDULES:
             raise ValueError(f"soft_weight_schedule must be one of {SCHEDULES}, got '{args.soft_weight_schedule}'")
-        if args.hint_epochs > 0 and args.ddp_find_unused_parameters is None:
-            # stage 1 leaves later layers without gradients; DDP must be told
+        stagewise = args.hint_epochs is None and args.hint_weight == 0 or bool(args.hint_epochs)
+        if stagewise and args.ddp_static_graph:
+            raise ValueError("ddp_static_graph cannot follow FitNets' two stages (stage 1 trains fewer parameters)")
+        if (stagewise or args.hint_weight == 0) and args.ddp_find_unused_parameters is None:
+            # stage 1 leaves later layers without gradients, stage 2 without hints the regressors: DDP must be told
             args.ddp_find_unused_parameters = True
 
     @property
@@ -248,20 +258,41 @@ class FitNets(DistillationMethod):
             student.train(was_training)
         return {n for (n, _), g in zip(params, grads) if g is not None}
 
+    def stage1_steps(self, progress: Progress) -> float:
+        """Optimizer steps in stage 1 (``hint_epochs``, or by default a quarter of training without hint_weight)."""
+        if self.args.hint_epochs is None:
+            return 0.25 * progress.max_steps if self.args.hint_weight == 0 else 0.0
+        return progress.steps_at_epoch(self.args.hint_epochs)
+
     def in_stage1(self, progress: Progress) -> bool:
-        return progress.epoch < self.args.hint_epochs
+        if self.args.hint_epochs is not None:
+            return progress.epoch < self.args.hint_epochs
+        if self.args.hint_weight > 0:
+            return False
+        return progress.step < 0.25 * progress.max_steps if progress.max_steps else True
+
+    def prepare_student(self, student, progress):
+        stage1 = self.in_stage1(progress)
+        self._hints_used = stage1 or self.args.hint_weight > 0
+        if stage1:
+            for m in self._later_modules:  # no BatchNorm statistics updates past the guided layer
+                m.eval()
 
     def forward_modules(self, modules, student_features):
-        # regressors run inside the wrapped forward, so data parallel syncs their gradients
+        # regressors run inside the wrapped forward, so data parallel syncs their gradients; they do not
+        # run where the loss has no hint term (stage 2 without hint_weight, and evaluation after it)
+        if not getattr(self, "_hints_used", True):
+            return {}
         return self.hints.forward(modules, student_features)
 
     def _hint(self, out: StepOutputs) -> torch.Tensor:
         return self.hints.loss(out.extra_outputs, out.teacher_features)
 
     def soft_weight(self, progress: Progress) -> float:
-        """The stage-2 multiplier of the soft term, annealed from start to end over stage 2."""
-        stage2_epochs = max(1e-9, progress.num_epochs - self.args.hint_epochs)
-        frac = (progress.epoch - self.args.hint_epochs) / stage2_epochs
+        """The stage-2 multiplier of the soft term, annealed from start (first stage-2 step) to end (last step)."""
+        start = self.stage1_steps(progress)
+        span = progress.max_steps - 1 - start
+        frac = min(1.0, max(0.0, (progress.step - start) / span)) if span > 0 else 1.0
         return anneal(self.args.soft_weight_schedule, self.args.soft_weight_start, self.args.soft_weight_end, frac)
 
     def loss(self, out: StepOutputs):
@@ -270,7 +301,7 @@ class FitNets(DistillationMethod):
             return hint, {"loss_hint": hint.detach()}
         alpha = self.args.alpha
         kd = soft_term(out.student_logits, out.teacher_logits, self.args.distill_loss, self.args.temperature)
-        ce = F.cross_entropy(out.student_logits.float(), out.labels) if alpha < 1 else kd.new_zeros(())
+        ce = self.ce(out.student_logits, out.labels) if alpha < 1 else kd.new_zeros(())
         total = (1 - alpha) * ce + alpha * self.soft_weight(out.progress) * kd
         terms = {"loss_ce": ce.detach(), "loss_kd": kd.detach()}
         if self.args.hint_weight > 0:
@@ -285,11 +316,6 @@ class FitNets(DistillationMethod):
     def student_logits_needed(self, progress):
         return not self.in_stage1(progress)  # stage 1: the student stops after its guided layers
 
-    def prepare_student(self, student, progress):
-        if self.in_stage1(progress):
-            for m in self._later_modules:  # no BatchNorm statistics updates past the guided layer
-                m.eval()
-
     def trainable_parameters(self, student, progress):
         return self.stage1_parameters if self.in_stage1(progress) else None
 
@@ -301,7 +327,9 @@ class FitNets(DistillationMethod):
     def hyperparameters(self):
         a = self.args
         return {
-            "hint_layers": [f"{s}:{t}" for s, t in self.pairs], "hint_epochs": a.hint_epochs,
+            "hint_layers": [f"{s}:{t}" for s, t in self.pairs],
+            "hint_epochs": a.hint_epochs if a.hint_epochs is not None else
+            ("first quarter of training" if a.hint_weight == 0 else 0),
             "hint_weight": a.hint_weight, "temperature": a.temperature, "alpha": a.alpha,
             "soft_weight_schedule": a.soft_weight_schedule, "soft_weight_start": a.soft_weight_start,
             "soft_weight_end": a.soft_weight_end,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from ..losses import kd_loss
 from .base import DistillationMethod, StepOutputs
 
@@ -14,9 +12,13 @@ class KnowledgeDistillation(DistillationMethod):
     name = "kd"
     paper = ("Distilling the Knowledge in a Neural Network (Hinton et al., 2015)", "https://arxiv.org/abs/1503.02531")
 
+    def labels_needed(self) -> bool:
+        return self.args.alpha < 1  # alpha = 1: the teacher term alone, no labels needed
+
     def loss(self, out: StepOutputs):
         a = self.args
-        return kd_loss(out.student_logits, out.teacher_logits, out.labels, a.temperature, a.alpha, a.distill_loss)
+        return kd_loss(out.student_logits, out.teacher_logits, out.labels, a.temperature, a.alpha, a.distill_loss,
+                       a.label_smoothing_factor)
 
     def hyperparameters(self):
         a = self.args
@@ -49,5 +51,5 @@ class Supervised(DistillationMethod):
     uses_teacher = False
 
     def loss(self, out: StepOutputs):
-        ce = F.cross_entropy(out.student_logits.float(), out.labels)
+        ce = self.ce(out.student_logits, out.labels)
         return ce, {"loss_ce": ce.detach()}

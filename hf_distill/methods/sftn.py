@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..losses import soft_kl
-from ..taps import NCHW, NHWC, TOKENS, num_prefix_tokens, to_nchw
+from ..taps import NCHW, NHWC, TOKENS, num_prefix_tokens, resize_map, to_nchw
 from .base import DistillationMethod, StepOutputs
 
 
@@ -59,12 +58,19 @@ def _grid(shape, layout, prefix) -> tuple[int, int]:
 
 
 class TransformLayer(nn.Module):
-    """Maps a teacher stage output to the input the student's next stage expects."""
+    """Maps a teacher stage output to the input the student's next stage expects.
 
-    def __init__(self, t_shape, t_layout, t_prefix, s_shape, s_layout, s_prefix):
+    The student's grid is set at run time from the teacher feature's actual size, in the ratio
+    the probe found (images come at any size); a student with a fixed token grid (ViT) keeps it.
+    """
+
+    def __init__(self, t_shape, t_layout, t_prefix, s_shape, s_layout, s_prefix, s_fixed_size: bool = False):
         super().__init__()
         self.t_layout, self.t_prefix, self.s_layout, self.s_prefix = t_layout, t_prefix, s_layout, s_prefix
         self.size = _grid(s_shape, s_layout, s_prefix)
+        t_grid = _grid(t_shape, t_layout, t_prefix)
+        self.fixed = s_fixed_size or s_layout == TOKENS
+        self.ratio = (self.size[0] / t_grid[0], self.size[1] / t_grid[1])
         c_t, c_s = _channels(t_shape, t_layout), _channels(s_shape, s_layout)
         if s_layout == TOKENS:
             self.proj = nn.Conv2d(c_t, c_s, 1)
@@ -76,11 +82,11 @@ class TransformLayer(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         y = self.proj(to_nchw(h, self.t_layout, self.t_prefix))
-        if tuple(y.shape[-2:]) != tuple(self.size):
-            if y.shape[-2] >= self.size[0] and y.shape[-1] >= self.size[1]:
-                y = F.adaptive_avg_pool2d(y, self.size)
-            else:
-                y = F.interpolate(y, size=self.size, mode="bilinear", align_corners=False)
+        if self.fixed:
+            size = self.size
+        else:
+            size = (max(1, round(y.shape[-2] * self.ratio[0])), max(1, round(y.shape[-1] * self.ratio[1])))
+        y = resize_map(y, size)
         if self.s_layout == NHWC:
             return y.permute(0, 2, 3, 1)
         if self.s_layout == TOKENS:
@@ -171,7 +177,7 @@ class SFTN(DistillationMethod):
         for i, layer in enumerate(self.stage_names[:-1]):
             t_shape, t_layout = probe["student"][layer]
             s_shape, s_layout = s_probe[self.student_stage_names[i]]
-            transform = TransformLayer(t_shape, t_layout, t_prefix, s_shape, s_layout, s_prefix)
+            transform = TransformLayer(t_shape, t_layout, t_prefix, s_shape, s_layout, s_prefix, spec.fixed_size)
             copy_ = copy.deepcopy(self.student_arch)
             staged = split_model(copy_, stage_names=self.student_stage_names)
             branch = StudentBranch(transform, staged, i + 1)
@@ -186,12 +192,12 @@ class SFTN(DistillationMethod):
     def loss(self, out: StepOutputs):
         a = self.args
         z_t, y = out.student_logits, out.labels  # the trained model is the teacher here
-        ce_t = F.cross_entropy(z_t.float(), y)
+        ce_t = self.ce(z_t, y)
         total = a.sftn_lambda_teacher * ce_t
         terms = {"loss_ce_teacher": ce_t.detach()}
         for i, z_r in enumerate(out.extra_outputs["branch_logits"]):
             kl = soft_kl(z_r, z_t, a.temperature)  # gradients reach both the branch and the teacher
-            ce = F.cross_entropy(z_r.float(), y)
+            ce = self.ce(z_r, y)
             total = total + a.sftn_lambda_kl * kl + a.sftn_lambda_ce * ce
             terms.update({f"loss_kl_branch{i + 1}": kl.detach(), f"loss_ce_branch{i + 1}": ce.detach()})
         return total, terms
