@@ -11,14 +11,14 @@ from .methods import METHODS, get_method
 
 # Each method may bring a dataclass of its own arguments; they all join one argument class,
 # so a new method adds its fields in its own module.
-_METHOD_ARGUMENTS = tuple(dict.fromkeys(m.arguments for m in METHODS.values() if m.arguments is not None))
+METHOD_ARGUMENTS = tuple(dict.fromkeys(m.arguments for m in METHODS.values() if m.arguments is not None))
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _SECRET_FIELDS = ("hub_token", "push_to_hub_token")
 
 
 @dataclass
-class DistillationTrainingArguments(*_METHOD_ARGUMENTS, TrainingArguments):
+class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
     """``transformers.TrainingArguments`` plus what distillation needs.
 
     Every Trainer argument still works. Method-specific arguments are documented with their

@@ -1,12 +1,14 @@
 """The ``hf-distill`` command line (also ``python -m hf_distill``).
 
     hf-distill [train] --config run.yaml [--flag value ...]   distill (flags override the file)
-    hf-distill demo [--output_dir DIR]                        embedded offline demo
-    hf-distill layers MODEL [--image-size N]                  candidate hint layers and shapes
     hf-distill cache-teacher --teacher_cache_dir DIR [...]    teacher outputs computed once (FKD)
+    hf-distill layers MODEL [--image-size N]                  candidate hint layers and shapes
+    hf-distill demo [--output_dir DIR]                        embedded offline demo
 
 Every field of :class:`ModelArguments`, :class:`DataArguments` and
-:class:`DistillationTrainingArguments` is a flag; ``hf-distill train --help`` lists them.
+:class:`DistillationTrainingArguments` is a flag; ``hf-distill train --help`` lists them, the
+distillation, model and data flags first. Errors are one line on stderr and a non-zero exit
+(``--traceback`` or ``HF_DISTILL_TRACEBACK=1`` shows the Python traceback).
 """
 
 from __future__ import annotations
@@ -14,95 +16,215 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
-COMMANDS = ("train", "demo", "layers", "cache-teacher")
+COMMANDS = {
+    "train": "distill a teacher into a student (the default command)",
+    "cache-teacher": "run the teacher(s) once over the training data and store their outputs",
+    "layers": "list a model's modules with output shapes (hint-layer candidates)",
+    "demo": "the embedded offline demo (digits: teacher, student from scratch, student with KD)",
+}
+
+logger = logging.getLogger("hf_distill.cli")
 
 
-def _parser():
-    from transformers import HfArgumentParser
+class UsageError(Exception):
+    """A mistake in the command line or the config file (exit code 2, like argparse)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def _parser(extra_dataclasses: Sequence[type] = (), prog: str = "hf-distill train", description: str = ""):
+    from transformers import HfArgumentParser, TrainingArguments
 
     from .arguments import DataArguments, DistillationTrainingArguments, ModelArguments
 
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, DistillationTrainingArguments),
-        prog="hf-distill train",
-        description="Distill a teacher into a student (any timm / transformers image classifier).",
+        (ModelArguments, DataArguments, DistillationTrainingArguments, *extra_dataclasses),
+        prog=prog,
+        usage=f"{prog} [--config FILE] [--flag value ...]",
+        description=description or "Distill a teacher into a student (any timm / transformers image classifier). "
+        "The distillation, model and data flags come first; the transformers Trainer flags follow.",
+        allow_abbrev=False,  # --num_train_epoch must not silently mean --num_train_epochs
     )
-    parser.add_argument(
-        "--config", default=None,
-        help="YAML or JSON file with any of these arguments; flags on the command line override it.",
-    )
+    parser.add_argument("--config", default=None,
+                        help="YAML or JSON file with any of these arguments; flags on the command line override it.")
+    parser.add_argument("--traceback", action="store_true",
+                        help="On an error, print the Python traceback (also HF_DISTILL_TRACEBACK=1).")
+    from .arguments import METHOD_ARGUMENTS
+
+    trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    method_fields = [f.name for d in METHOD_ARGUMENTS for f in dataclasses.fields(d)]
+    groups = [
+        ("distillation", [f.name for f in dataclasses.fields(DistillationTrainingArguments)
+                          if f.name not in trainer_fields and f.name not in method_fields]),
+        ("method options", method_fields),
+        *[(getattr(d, "_cli_group", d.__name__), [f.name for f in dataclasses.fields(d)]) for d in extra_dataclasses],
+        ("model", [f.name for f in dataclasses.fields(ModelArguments)]),
+        ("data", [f.name for f in dataclasses.fields(DataArguments)]),
+        ("training (transformers.TrainingArguments)", sorted(trainer_fields)),
+    ]
+    _group_help(parser, groups)
     return parser
+
+
+def _group_help(parser: argparse.ArgumentParser, groups) -> None:
+    """Move the flags into titled groups, in this order, ahead of the generic options."""
+    by_dest: dict[str, list[argparse.Action]] = {}
+    for action in parser._optionals._group_actions:
+        by_dest.setdefault(action.dest, []).append(action)
+    new_groups = []
+    for title, names in groups:
+        group = parser.add_argument_group(title)
+        for name in names:
+            for action in by_dest.pop(name, []):
+                parser._optionals._group_actions.remove(action)
+                group._group_actions.append(action)
+        new_groups.append(group)
+    rest = [g for g in parser._action_groups if g not in new_groups]
+    parser._action_groups[:] = new_groups + rest
 
 
 def load_config_file(path: str | Path) -> dict:
     """A config file's arguments as a dict (YAML or JSON, chosen by extension)."""
     path = Path(path)
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UsageError(f"--config {path}: {err.strerror or err}") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as err:  # yaml.YAMLError, json.JSONDecodeError
+        raise UsageError(f"--config {path}: not valid {'YAML' if path.suffix.lower() != '.json' else 'JSON'}: "
+                         f"{str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of argument names to values")
+        raise UsageError(f"--config {path}: expected a mapping of argument names to values")
     return data
+
+
+def _parse(parser, argv: Sequence[str]):
+    """Dataclasses from flags and an optional ``--config`` file; returns (groups, given names)."""
+    import difflib
+
+    argv = list(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    valid = {a.dest for a in parser._actions}
+    given = {a.split("=", 1)[0][2:] for a in argv if a.startswith("--")}
+    if known.config:
+        config = load_config_file(known.config)
+        unknown = sorted(set(config) - valid)
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
+            detail = ", ".join(f"{k}" + (f" (did you mean {v[0]}?)" if v else "") for k, v in hints.items())
+            raise UsageError(f"{known.config}: unknown argument(s): {detail}")
+        parser.set_defaults(**config)
+        given |= set(config)
+    flags = {o for a in parser._actions for o in a.option_strings}
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and name not in flags:
+            close = difflib.get_close_matches(name, flags, n=1)
+            raise UsageError(f"unknown flag {name}" + (f" (did you mean {close[0]}?)" if close else "")
+                             + f"; `{parser.prog} --help` lists them")
+    try:
+        *groups, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as err:  # an argument value the dataclasses refuse
+        raise UsageError(str(err)) from None
+    if rest:
+        raise UsageError(f"unrecognised arguments: {' '.join(rest)}")
+    return groups, given
 
 
 def parse_train_args(argv: Sequence[str]):
     """(model_args, data_args, training_args) from flags and an optional ``--config`` file."""
-    parser = _parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        config = load_config_file(known.config)
-        valid = {a.dest for a in parser._actions}
-        unknown = sorted(set(config) - valid)
-        if unknown:
-            import difflib
-
-            hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
-            detail = ", ".join(f"{k}" + (f" (did you mean {v[0]}?)" if v else "") for k, v in hints.items())
-            raise SystemExit(f"{known.config}: unknown argument(s): {detail}")
-        parser.set_defaults(**config)
-    *groups, rest = parser.parse_args_into_dataclasses(args=list(argv), return_remaining_strings=True)
-    if rest:
-        raise SystemExit(f"unrecognised arguments: {' '.join(rest)}")
-    model_args, data_args, training_args = groups[:3]  # groups[3] holds --config itself
+    (model_args, data_args, training_args, _), given = _parse(_parser(), argv)
+    _cli_defaults(training_args, given)
     return model_args, data_args, training_args
 
 
+def _cli_defaults(training_args, given: set[str]) -> None:
+    """Defaults that suit a command line better than the Trainer's own."""
+    if "per_device_eval_batch_size" not in given:
+        # evaluation keeps no activations for backward: the training batch size always fits (transformers: 8)
+        training_args.per_device_eval_batch_size = training_args.per_device_train_batch_size
+    if "disable_tqdm" not in given and not sys.stderr.isatty():
+        # progress bars in a log file are cursor codes; print one line per log and per epoch instead
+        training_args.disable_tqdm = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading data and models
+# ---------------------------------------------------------------------------------------------
+
+
 def load_splits(data_args, seed: int, cache_dir: str | None = None):
-    """(train, eval) raw datasets exactly as every command sees them (same split, same subset)."""
+    """(train, eval) raw datasets exactly as every command sees them (same split, same subset).
+
+    ``--max_train_samples`` / ``--max_eval_samples`` keep a random subset (shuffled with the
+    seed first: folders and many datasets are sorted by class)."""
     from .data import load_image_dataset, split_train_eval
 
     if not data_args.dataset_name:
-        raise SystemExit("--dataset_name is required (a Hub dataset, a folder, or sklearn-digits)")
+        raise UsageError("--dataset_name is required (a Hub dataset, a folder, or sklearn-digits)")
     dsd = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir)
     train, evaluation = split_train_eval(dsd, data_args.train_split, data_args.eval_split, data_args.eval_fraction,
                                          seed, data_args.label_column_name)
+    for split in (train, evaluation):
+        if data_args.image_column_name not in split.column_names:
+            raise UsageError(f"--image_column_name: no column '{data_args.image_column_name}' in the dataset; "
+                             f"its columns are {split.column_names}")
     if data_args.max_train_samples:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
+        train = _random_subset(train, data_args.max_train_samples, seed)
     if data_args.max_eval_samples:
-        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+        evaluation = _random_subset(evaluation, data_args.max_eval_samples, seed)
     return train, evaluation
+
+
+def _random_subset(dataset, n: int, seed: int):
+    if n >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(n))
+
+
+def dataset_classes(train, label_column: str) -> tuple[int, list[str] | None]:
+    """(number of classes, class names or None) of the training split's label column."""
+    from .data import label_names
+
+    if label_column not in train.column_names:
+        raise UsageError(f"--label_column_name: no column '{label_column}' in the dataset; its columns are "
+                         f"{train.column_names}")
+    names = label_names(train, label_column)
+    if names:
+        return len(names), names
+    values = set(train[label_column])
+    if not all(isinstance(v, int) or (hasattr(v, "is_integer") and float(v).is_integer()) for v in values):
+        raise UsageError(f"--label_column_name {label_column}: expected class ids (integers), got values such as "
+                         f"{sorted(map(str, values))[:3]}")
+    return int(max(values)) + 1, None
 
 
 def load_student(model_args, train, label_column: str):
     """The student named in the arguments, with the dataset's classes and the requested input size."""
-    from .data import label_names
     from .models import input_spec, load_model, set_input_spec
 
     if not model_args.student_model_name_or_path:
-        raise SystemExit("--student_model_name_or_path is required")
-    names = label_names(train, label_column)
-    num_labels = len(names) if names else len(set(train[label_column]))
+        raise UsageError("--student_model_name_or_path is required")
+    num_labels, names = dataset_classes(train, label_column)
     student_kw = {"in_chans": model_args.in_chans} if model_args.in_chans else {}
     student = load_model(
         model_args.student_model_name_or_path, num_labels=num_labels, pretrained=model_args.student_pretrained,
@@ -124,12 +246,49 @@ def load_teachers(model_args, training_args):
     ]
 
 
+def check_teacher_classes(student, teachers, data_args) -> None:
+    """The label-space check, with advice a command-line user can follow."""
+    from .models import num_classes_of
+    from .teacher import LabelSpaceError, check_label_spaces
+
+    try:
+        check_label_spaces(student, teachers)
+    except LabelSpaceError as err:
+        if err.differences:
+            raise UsageError(
+                f"the {err.teacher} names its classes differently from --dataset_name {data_args.dataset_name} "
+                f"(column '{data_args.label_column_name}'); first differences (index, dataset, teacher): "
+                f"{err.differences}. Use a teacher trained on this dataset's classes, in the same order.") from None
+        raise UsageError(
+            f"the {err.teacher} predicts {err.teacher_classes} classes but --dataset_name {data_args.dataset_name} has "
+            f"{num_classes_of(student)} (column '{data_args.label_column_name}'). Use a teacher trained on this "
+            "dataset's classes (train one with --distill_method supervised), or check --dataset_name and "
+            "--label_column_name.") from None
+
+
+def check_output_dir(training_args) -> None:
+    """Refuse to train over a saved model unless asked to (resuming a checkpoint is fine)."""
+    out = Path(training_args.output_dir)
+    saved = [n for n in ("config.json", "model.safetensors", "pytorch_model.bin") if (out / n).exists()]
+    if saved and not training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
+        raise UsageError(f"--output_dir {out} already holds a saved model ({', '.join(saved)}); training would replace "
+                         "it. Choose another --output_dir, add --overwrite_output_dir, or continue a run with "
+                         "--resume_from_checkpoint.")
+
+
 def run_training(model_args, data_args, training_args, print_fn=print):
     """Load data and models as the arguments say, distill, evaluate, save the student. Returns metrics."""
-    from .data import with_image_transform
+    from .callbacks import EpochPrinter
+    from .data import SKIPPED_IMAGES, with_image_transform
+    from .methods import get_method
     from .models import input_spec
     from .trainer import DistillationTrainer
 
+    check_output_dir(training_args)
+    method = get_method(training_args.distill_method)
+    if method.needs_teacher and not training_args.teacher_names and not training_args.teacher_cache_dir:
+        raise UsageError(f"--distill_method {training_args.distill_method} needs a teacher: "
+                         "--teacher_model_name_or_path (or a teacher-output cache, --teacher_cache_dir)")
     train, evaluation = load_splits(data_args, training_args.seed, model_args.cache_dir)
     student = load_student(model_args, train, data_args.label_column_name)
     spec = input_spec(student)
@@ -142,19 +301,24 @@ def run_training(model_args, data_args, training_args, print_fn=print):
     else:
         train_dataset = with_image_transform(train, spec, True, data_args.train_augmentation, **columns)
     teachers = load_teachers(model_args, training_args)
+    check_teacher_classes(student, teachers, data_args)
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teachers or None,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=with_image_transform(evaluation, spec, False, **columns),
+        callbacks=[EpochPrinter(print_fn)] if training_args.disable_tqdm else None,
     )
     trainer.card_info.update(dataset=data_args.dataset_name)
-    if training_args.do_train or not training_args.do_eval:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    print_fn(f"training {model_args.student_model_name_or_path} with {training_args.distill_method} on "
+             f"{len(train)} images ({data_args.dataset_name}); evaluating on {len(evaluation)}")
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
     trainer.save_model()
     print_fn(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=2))
+    if SKIPPED_IMAGES:
+        print_fn(f"skipped {len(SKIPPED_IMAGES)} unreadable image(s) (named in the warnings above)")
     print_fn(f"model saved to {training_args.output_dir}")
     if training_args.distill_method == "sftn" and training_args.sftn_distill_method:
         # phase 2: distill the student SFTN made its teacher friendly to, from that teacher
@@ -172,34 +336,40 @@ def run_training(model_args, data_args, training_args, print_fn=print):
     return metrics
 
 
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CacheArguments:
+    _cli_group = "teacher cache"
+
+    cache_epochs: int = dataclasses.field(
+        default=1, metadata={"help": "Epochs of views to store (random views differ per epoch; 'none' needs 1)."})
+    top_k: int = dataclasses.field(default=0, metadata={"help": "Keep only the top-k logits (0: all)."})
+    cache_batch_size: int = dataclasses.field(
+        default=0, metadata={"help": "Teacher batch size (default: per_device_train_batch_size, which makes "
+                             "cached training bit-identical to live-teacher training)."})
+    overwrite: bool = dataclasses.field(default=False, metadata={"help": "Rebuild a cache built from other inputs."})
+
+
 def _cache_teacher_main(argv: Sequence[str]) -> int:
     """``hf-distill cache-teacher``: run the teacher(s) once over the training data, store soft labels."""
-    from transformers import HfArgumentParser
-
-    from .arguments import DataArguments, DistillationTrainingArguments, ModelArguments
     from .models import input_spec
     from .teacher_cache import build_teacher_cache
 
-    @dataclasses.dataclass
-    class CacheArguments:
-        cache_epochs: int = dataclasses.field(
-            default=1, metadata={"help": "Epochs of views to store (random views differ per epoch; 'none' needs 1)."})
-        top_k: int = dataclasses.field(default=0, metadata={"help": "Keep only the top-k logits (0: all)."})
-        cache_batch_size: int = dataclasses.field(
-            default=0, metadata={"help": "Teacher batch size (default: per_device_train_batch_size, which makes "
-                                 "cached training bit-identical to live-teacher training)."})
-        overwrite: bool = dataclasses.field(default=False, metadata={"help": "Rebuild a cache built from other inputs."})
-
-    parser = HfArgumentParser((ModelArguments, DataArguments, DistillationTrainingArguments, CacheArguments),
-                              prog="hf-distill cache-teacher",
-                              description="Compute the teacher's outputs once and store them in --teacher_cache_dir.")
-    model_args, data_args, args, cache_args = parser.parse_args_into_dataclasses(args=list(argv))
+    parser = _parser((CacheArguments,), prog="hf-distill cache-teacher",
+                     description="Compute the teacher's outputs once and store them in --teacher_cache_dir.")
+    (model_args, data_args, args, cache_args, _), _given = _parse(parser, argv)
     if not args.teacher_cache_dir or not args.teacher_names:
-        raise SystemExit("--teacher_cache_dir and --teacher_model_name_or_path are required")
+        raise UsageError("--teacher_cache_dir and --teacher_model_name_or_path are required")
     train, _ = load_splits(data_args, args.seed, model_args.cache_dir)
     student = load_student(model_args, train, data_args.label_column_name)
+    teachers = load_teachers(model_args, args)
+    check_teacher_classes(student, teachers, data_args)
     cache = build_teacher_cache(
-        load_teachers(model_args, args), train, input_spec(student), args.teacher_cache_dir,
+        teachers, train, input_spec(student), args.teacher_cache_dir,
         epochs=cache_args.cache_epochs, augmentation=data_args.train_augmentation, top_k=cache_args.top_k or None,
         batch_size=cache_args.cache_batch_size or args.per_device_train_batch_size, seed=args.seed,
         teacher_id=args.teacher_names, teacher_revision=args.teacher_revision,
@@ -211,7 +381,7 @@ def _cache_teacher_main(argv: Sequence[str]) -> int:
 
 
 def _layers_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hf-distill layers",
+    parser = argparse.ArgumentParser(prog="hf-distill layers", allow_abbrev=False,
                                      description="List a model's modules with output shapes (hint-layer candidates).")
     parser.add_argument("model", help="timm name, hf-hub:org/name, local folder or transformers repo id")
     parser.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
@@ -238,18 +408,82 @@ def _demo_main(argv: Sequence[str]) -> int:
     return demo_main(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
-    if command == "demo":
-        return _demo_main(argv)
-    if command == "layers":
-        return _layers_main(argv)
-    if command == "cache-teacher":
-        return _cache_teacher_main(argv)
+def _train_main(argv: Sequence[str]) -> int:
     model_args, data_args, training_args = parse_train_args(argv)
     run_training(model_args, data_args, training_args)
     return 0
+
+
+def _top_level_help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: hf-distill [COMMAND] [--flag value ...]", "",
+             "Knowledge distillation for timm and Hugging Face vision models.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "Without a command, `train` runs. `hf-distill COMMAND --help` lists a command's flags",
+              "(`hf-distill train --help`: the distillation, model and data flags first, then the Trainer's).", "",
+              "examples:",
+              "  hf-distill --config examples/kd_digits.yaml --num_train_epochs 30",
+              "  hf-distill layers resnet18 --image-size 64 --stages-only",
+              "  hf-distill cache-teacher --config run.yaml --teacher_cache_dir cache/",
+              "  hf-distill demo"]
+    return "\n".join(lines)
+
+
+_HANDLERS = {"train": _train_main, "cache-teacher": _cache_teacher_main, "layers": _layers_main, "demo": _demo_main}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file or pipe as they happen
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(_top_level_help())
+        return 0
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    show_traceback = "--traceback" in argv or os.environ.get("HF_DISTILL_TRACEBACK", "") not in ("", "0")
+    argv = [a for a in argv if a != "--traceback"]
+    try:
+        return _HANDLERS[command](argv)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        print("hf-distill: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure is one actionable line; --traceback for the rest
+        if show_traceback:
+            raise
+        message = _cli_message(_one_line(err))
+        print(f"hf-distill {command}: error: {message}", file=sys.stderr)
+        if not isinstance(err, UsageError):
+            print("(run again with --traceback for the details)", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(err, (UsageError, ValueError, RuntimeError, OSError, KeyError)) and len(lines) > 1:
+        return " ".join(lines)  # lists of differences stay readable on one line
+    return lines[0] if lines else text
+
+
+def _field_names() -> list[str]:
+    from .arguments import DataArguments, DistillationTrainingArguments, ModelArguments
+
+    names = {f.name for d in (ModelArguments, DataArguments, DistillationTrainingArguments, CacheArguments)
+             for f in dataclasses.fields(d)}
+    return sorted(names, key=len, reverse=True)
+
+
+def _cli_message(message: str) -> str:
+    """Advice phrased for the command line: argument names become their flags (``alpha=0.5`` -> ``--alpha 0.5``)."""
+    for name in _field_names():
+        message = re.sub(rf"(?<![-\w.]){name}=(['\"]?)([^'\"\s,;)]*)\1", rf"--{name} \2", message)
+        if "_" in name:
+            message = re.sub(rf"(?<![-\w.]){name}\b", f"--{name}", message)
+        else:
+            message = re.sub(rf"(?<![-\w.]){name} must\b", f"--{name} must", message)
+    return message
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -50,9 +50,11 @@ def run_demo(output_dir: str = "hf_distill_demo", teacher_epochs: int = 10, stud
     """Run the demo; returns the accuracies and parameter counts it prints."""
     import logging
 
+    from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
 
     from .arguments import DistillationTrainingArguments
+    from .callbacks import EpochPrinter
     from .data import digits_dataset, with_image_transform
     from .models import count_parameters, input_spec
     from .trainer import DistillationTrainer
@@ -73,28 +75,31 @@ def run_demo(output_dir: str = "hf_distill_demo", teacher_epochs: int = 10, stud
         return DistillationTrainingArguments(
             output_dir=os.path.join(output_dir, name), distill_method=method, num_train_epochs=epochs,
             per_device_train_batch_size=32, per_device_eval_batch_size=128, learning_rate=2e-3,
-            weight_decay=0.01, lr_scheduler_type="cosine", warmup_steps=10, logging_strategy="no",
+            weight_decay=0.01, lr_scheduler_type="cosine", warmup_steps=10, logging_strategy="epoch",
             eval_strategy="no", save_strategy="no", report_to=[], seed=seed, data_seed=seed,
             disable_tqdm=True, dataloader_num_workers=0, use_cpu=True, **kw,
         )
 
+    def trainer(model, name, method, epochs, every, data, **kw):
+        t = DistillationTrainer(model=model, args=args(name, method, epochs), train_dataset=data, eval_dataset=test,
+                                callbacks=[EpochPrinter(print_fn, prefix="      ", every=every)], **kw)
+        t.remove_callback(PrinterCallback)  # the epoch lines say enough
+        return t
+
     print_fn(f"[1/3] training the teacher (timm resnet18) on {len(train)} digits for {teacher_epochs} epochs")
-    t = DistillationTrainer(model=teacher, args=args("teacher", "supervised", teacher_epochs),
-                            train_dataset=train, eval_dataset=test)
+    t = trainer(teacher, "teacher", "supervised", teacher_epochs, 1, train)
     t.train()
     teacher_acc = t.evaluate()["eval_accuracy"]
     t.save_model()
 
     print_fn(f"[2/3] training the student from scratch on {n_student} labelled digits for {student_epochs} epochs")
-    s = DistillationTrainer(model=_fresh_student(seed), args=args("student_scratch", "supervised", student_epochs),
-                            train_dataset=student_train, eval_dataset=test)
+    s = trainer(_fresh_student(seed), "student_scratch", "supervised", student_epochs, 10, student_train)
     s.train()
     scratch_acc = s.evaluate()["eval_accuracy"]
 
     print_fn("[3/3] distilling the same student from the teacher (KD, T=4, alpha=0.9), same budget")
-    d = DistillationTrainer(model=_fresh_student(seed), teacher_model=teacher,
-                            args=args("student_distilled", "kd", student_epochs),
-                            train_dataset=student_train, eval_dataset=test)
+    d = trainer(_fresh_student(seed), "student_distilled", "kd", student_epochs, 10, student_train,
+                teacher_model=teacher)
     d.card_info.update(dataset="sklearn-digits", license="bsd-3-clause")
     d.train()
     distilled_acc = d.evaluate()["eval_accuracy"]

@@ -458,7 +458,8 @@ for p, i in zip(top.values[0].tolist(), top.indices[0].tolist()):
         return intro, code, "", ""
     if ctx.library_name == "transformers":
         ref = repo or "/path/to/this/folder"
-        intro = "With the 🤗 Transformers pipeline" + ("" if repo else " (from the folder that holds this card)") + ":"
+        where = "" if repo else " (from the folder that holds this card)"
+        intro = "With the 🤗 Transformers pipeline" + where + ":"
         code = f"""from transformers import pipeline
 
 classifier = pipeline("image-classification", model="{ref}")
@@ -474,6 +475,10 @@ image = Image.open("image.jpg").convert("{mode}")
 with torch.no_grad():
     logits = model(**processor(images=image, return_tensors="pt")).logits
 print(model.config.id2label[logits.argmax(-1).item()])"""
+        if ctx.in_chans == 1:
+            # pipeline("image-classification") converts every image to RGB: a 1-channel model cannot take it
+            return ("With the model class" + where + " (this is a 1-channel model: the image-classification "
+                    "pipeline always feeds RGB images, so it cannot run it):"), extra, "", ""
         return intro, code, "Or with the model class directly:", extra
     # plain torch module: the weights only
     fetch = (f'from huggingface_hub import hf_hub_download\n\nweights = hf_hub_download("{repo}", "model.safetensors")'

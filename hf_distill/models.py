@@ -546,7 +546,8 @@ def save_native(model: nn.Module, output_dir: str | os.PathLike, state_dict: dic
     output_dir.mkdir(parents=True, exist_ok=True)
     family = model_family(model)
     if family == "transformers":
-        model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        with _no_transformers_progress_bars():  # no "Writing model shards" bar at every checkpoint
+            model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
         processor = getattr(model, "hf_distill_image_processor", None) or _default_processor(model)
         if processor is not None:
             processor.save_pretrained(output_dir)
@@ -569,6 +570,20 @@ def save_native(model: nn.Module, output_dir: str | os.PathLike, state_dict: dic
         sd = state_dict if state_dict is not None else model.state_dict()
         safetensors.torch.save_file(_contiguous(sd), str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     return family
+
+
+class _no_transformers_progress_bars:
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self.was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        if self.was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 # pretrained_cfg keys that describe the checkpoint a model was created from; a trained student's

@@ -27,26 +27,35 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+class LabelSpaceError(ValueError):
+    """Student and teacher predict different classes. ``teacher`` names the teacher, ``student_classes`` /
+    ``teacher_classes`` give the counts and ``differences`` the first differing names (index, student, teacher)."""
+
+    def __init__(self, message: str, teacher: str, student_classes: int | None, teacher_classes: int | None,
+                 differences: list | None = None):
+        super().__init__(message)
+        self.teacher, self.student_classes, self.teacher_classes = teacher, student_classes, teacher_classes
+        self.differences = differences or []
+
+
 def check_label_spaces(student: nn.Module, teachers: Sequence[nn.Module]) -> None:
-    """Raise if any teacher predicts a different set of classes than the student."""
+    """Raise :class:`LabelSpaceError` if any teacher predicts a different set of classes than the student."""
     n_student = num_classes_of(student)
     names_student = label_names_of(student)
     for i, teacher in enumerate(teachers):
         who = f"teacher {i} ({model_name(teacher)})" if len(teachers) > 1 else f"teacher ({model_name(teacher)})"
         n_teacher = num_classes_of(teacher)
         if n_student is not None and n_teacher is not None and n_student != n_teacher:
-            raise ValueError(
+            raise LabelSpaceError(
                 f"class-count mismatch: the student ({model_name(student)}) predicts {n_student} classes but the "
                 f"{who} predicts {n_teacher}. Load the student with num_labels={n_teacher}, or use a teacher "
-                "trained on the same label set."
-            )
+                "trained on the same label set.", who, n_student, n_teacher)
         names_teacher = label_names_of(teacher)
         if names_student and names_teacher and list(names_student) != list(names_teacher):
             diff = [(i, s, t) for i, (s, t) in enumerate(zip(names_student, names_teacher)) if s != t][:5]
-            raise ValueError(
+            raise LabelSpaceError(
                 f"label names differ between the student and the {who}; first differences "
-                f"(index, student, teacher): {diff}"
-            )
+                f"(index, student, teacher): {diff}", who, n_student, n_teacher, diff)
 
 
 class Teachers(nn.Module):

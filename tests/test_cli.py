@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from hf_distill.cli import main, parse_train_args
+from hf_distill.cli import UsageError, main, parse_train_args
 
 TINY = ["--student_model_name_or_path", "test_resnet", "--student_pretrained", "false", "--in_chans", "1",
         "--image_size", "16", "--dataset_name", "sklearn-digits", "--max_train_samples", "64",
@@ -32,7 +32,7 @@ def test_config_file_with_command_line_overrides(tmp_path):
 def test_unknown_config_key_suggests_the_right_one(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("temprature: 2.0\n")
-    with pytest.raises(SystemExit, match="temprature.*did you mean temperature"):
+    with pytest.raises(UsageError, match="temprature.*did you mean temperature"):
         parse_train_args(["--config", str(cfg)])
 
 

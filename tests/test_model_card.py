@@ -188,40 +188,46 @@ def test_validate_against_local_hub(tmp_path):
         assert loaded.data.base_model == "timm/resnet50.a1_in1k"
 
 
-def test_usage_snippets_run_against_local_hub(tmp_path, monkeypatch):
-    """The card's own code blocks load the pushed student (timm and transformers) and classify an image."""
+@pytest.mark.parametrize("in_chans", [3, 1], ids=["rgb", "grey"])
+def test_usage_snippets_run_against_local_hub(tmp_path, monkeypatch, in_chans):
+    """The card's own code blocks load the pushed student (timm and transformers, RGB and grey) and classify an
+    RGB image file; a grey transformers student's card shows no pipeline snippet (pipelines feed RGB)."""
     import timm
     from huggingface_hub import create_repo, upload_folder
     from PIL import Image
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    from hf_distill.models import save_native
+    from hf_distill.models import InputSpec, save_native, set_input_spec
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
     Image.new("RGB", (40, 40), (120, 30, 200)).save("image.jpg")
 
-    timm_model = timm.create_model("test_resnet", num_classes=3)
+    spec = InputSpec(mean=(0.5,), std=(0.5,), image_size=(32, 32), in_chans=in_chans)
+    timm_model = timm.create_model("test_resnet", num_classes=3, in_chans=in_chans)
     hf_model = ResNetForImageClassification(ResNetConfig(num_labels=3, embedding_size=8, hidden_sizes=[8, 8],
-                                                         depths=[1, 1]))
+                                                         depths=[1, 1], num_channels=in_chans))
     with local_hub() as hub:
         for repo, model, library in (("me/timm-student", timm_model, "timm"),
                                      ("me/hf-student", hf_model, "transformers")):
+            set_input_spec(model, spec)
             folder = tmp_path / library
             save_native(model, folder)
-            ctx = _kd_context(library_name=library, repo_id=repo)
+            ctx = _kd_context(library_name=library, repo_id=repo, in_chans=in_chans, image_size=(32, 32))
             card = build_model_card(ctx)
             card.save(folder / "README.md")
             create_repo(repo)
             upload_folder(repo_id=repo, folder_path=folder)
             blocks = _python_blocks(card.text)
             assert blocks
+            if library == "transformers":
+                assert ("pipeline(" in card.text) == (in_chans == 3)  # grey: no snippet that cannot work
             for code in blocks:
                 exec(compile(code, f"<{library} usage>", "exec"), {})
             assert any(m == "GET" and p.startswith(f"/{repo}/resolve/") for m, p in hub.requests)
         # the local-folder form (no repo id) runs too
-        card = build_model_card(_kd_context(repo_id=None))
+        card = build_model_card(_kd_context(repo_id=None, in_chans=in_chans))
         code = _python_blocks(card.text)[0].replace("/path/to/this/folder", str(tmp_path / "timm"))
         exec(compile(code, "<timm local usage>", "exec"), {})
 
