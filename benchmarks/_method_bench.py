@@ -375,7 +375,9 @@ def run_lines(sweep: Sweep) -> list[str]:
     """The report's "Run" section: the commands that filled the sweep, its total time, the machine."""
     commands = [v["command"] for v in sweep.meta.get("invocations", {}).values() if v.get("command")]
     commands = list(dict.fromkeys(commands)) or [sweep.meta.get("command", "")]
-    total_cpu, total_wall = sweep.meta.get("total_cpu_s", 0), sweep.meta.get("total_wall_s", 0)
+    # summed over the invocations kept in the file (a report-only run has not saved totals of its own)
+    invocations = sweep.meta.get("invocations", {}).values()
+    total_cpu, total_wall = sum(v["cpu_s"] for v in invocations), sum(v["wall_s"] for v in invocations)
     return ["", "## Run", "",
             f"Commands (processes that filled this sweep, some side by side on the 2 cores): "
             f"{'; '.join(f'`{c}`' for c in commands)}. Whole benchmark: {total_cpu / 60:.1f} min CPU, "

@@ -1,21 +1,36 @@
-"""hf_distill: knowledge distillation for timm and Hugging Face vision models."""
+"""hf_distill: knowledge distillation for timm and Hugging Face vision models.
 
-from .arguments import DataArguments, DistillationTrainingArguments, ModelArguments
-from .methods import METHODS, DistillationMethod
-from .models import InputSpec, load_model, set_input_spec
-from .trainer import DistillationModel, DistillationTrainer
+The names below are imported on first use, so that ``hf-distill --help`` and argument errors
+answer without loading torch and transformers first.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DataArguments",
-    "DistillationMethod",
-    "DistillationModel",
-    "DistillationTrainer",
-    "DistillationTrainingArguments",
-    "InputSpec",
-    "METHODS",
-    "ModelArguments",
-    "load_model",
-    "set_input_spec",
-]
+_EXPORTS = {
+    "DataArguments": ".arguments",
+    "DistillationTrainingArguments": ".arguments",
+    "ModelArguments": ".arguments",
+    "METHODS": ".methods",
+    "DistillationMethod": ".methods",
+    "InputSpec": ".models",
+    "load_model": ".models",
+    "set_input_spec": ".models",
+    "DistillationModel": ".trainer",
+    "DistillationTrainer": ".trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_distill' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -22,7 +22,7 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
     """``transformers.TrainingArguments`` plus what distillation needs.
 
     Every Trainer argument still works. Method-specific arguments are documented with their
-    method; the defaults follow ``METHODS.md``.
+    method; the defaults follow ``docs/methods.md``.
     """
 
     teacher_model_name_or_path: Optional[list[str]] = field(
@@ -92,7 +92,8 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
     )
     eval_teacher: bool = field(
         default=True,
-        metadata={"help": "At the first evaluation, also report the teacher's accuracy (`eval_teacher_accuracy`)."},
+        metadata={"help": "Also report the teacher's accuracy (`eval_teacher_accuracy`), computed once per evaluation "
+                  "dataset."},
     )
     remove_unused_columns: bool = field(
         default=False,
@@ -108,13 +109,12 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
     )
 
     def __post_init__(self):
-        from .trainer_arguments import SUPPORT, WORKS, check_trainer_arguments
+        from .trainer_arguments import check_trainer_arguments
 
-        # values as given, before TrainingArguments normalises them (it sets do_eval from eval_strategy, ...)
-        declared = {name: getattr(self, name) for name, (status, _) in SUPPORT.items()
-                    if status != WORKS and hasattr(self, name)}
+        # first, on the values as given: transformers would normalise them (do_eval from eval_strategy, ...)
+        # or fail on them with its own, less telling, errors (deepspeed without DeepSpeed, ...)
+        check_trainer_arguments(self)
         super().__post_init__()
-        check_trainer_arguments(self, declared)
         method = get_method(self.distill_method)  # raises with the list of valid names
         if self.temperature is None:
             self.temperature = method.default_temperature

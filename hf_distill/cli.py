@@ -278,6 +278,8 @@ def check_output_dir(training_args) -> None:
 
 def run_training(model_args, data_args, training_args, print_fn=print):
     """Load data and models as the arguments say, distill, evaluate, save the student. Returns metrics."""
+    from transformers import set_seed
+
     from .callbacks import EpochPrinter
     from .data import SKIPPED_IMAGES, with_image_transform
     from .methods import get_method
@@ -290,6 +292,7 @@ def run_training(model_args, data_args, training_args, print_fn=print):
         raise UsageError(f"--distill_method {training_args.distill_method} needs a teacher: "
                          "--teacher_model_name_or_path (or a teacher-output cache, --teacher_cache_dir)")
     train, evaluation = load_splits(data_args, training_args.seed, model_args.cache_dir)
+    set_seed(training_args.seed)  # a randomly initialised student is the same for the same --seed
     student = load_student(model_args, train, data_args.label_column_name)
     spec = input_spec(student)
     columns = {"image_column": data_args.image_column_name, "label_column": data_args.label_column_name}
@@ -350,7 +353,8 @@ class CacheArguments:
     top_k: int = dataclasses.field(default=0, metadata={"help": "Keep only the top-k logits (0: all)."})
     cache_batch_size: int = dataclasses.field(
         default=0, metadata={"help": "Teacher batch size (default: per_device_train_batch_size, which makes "
-                             "cached training bit-identical to live-teacher training)."})
+                             "cached training bit-identical to live-teacher training where the views are "
+                             "deterministic, train_augmentation none)."})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "Rebuild a cache built from other inputs."})
 
 

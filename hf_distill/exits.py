@@ -1,6 +1,6 @@
 """Intermediate classifiers ("exits") and the multi-exit model with depth-adaptive inference.
 
-Used by Be Your Own Teacher (METHODS.md section 4). An exit after stage ``i`` is a
+Used by Be Your Own Teacher (docs/methods.md). An exit after stage ``i`` is a
 *bottleneck* that brings the stage's features to the deepest feature's shape, then a
 *classifier* (global pooling + linear). Feature maps get, per halving of the spatial size, a
 depthwise-separable block (depthwise 3x3 stride 2, pointwise 1x1 doubling the channels, BN,

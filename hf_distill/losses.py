@@ -1,4 +1,4 @@
-"""Distillation losses as pure functions of tensors (see ``METHODS.md`` for the formulas)."""
+"""Distillation losses as pure functions of tensors (see ``docs/methods.md`` for the formulas)."""
 
 from __future__ import annotations
 

@@ -462,7 +462,7 @@ def _init_description(model: nn.Module, name: str, pretrained: bool) -> str:
         return "random initialisation"
     cfg = getattr(model, "pretrained_cfg", None) or {}
     weights = cfg.get("hf_hub_id") or (f"{cfg['architecture']}.{cfg['tag']}" if cfg.get("tag") else None)
-    return f"pretrained weights of {weights or name}"
+    return f"pretrained weights of {weights or short_name(name)}"
 
 
 def _load_timm(name: str, num_labels: int | None, pretrained: bool, cache_dir=None, **kwargs) -> nn.Module:

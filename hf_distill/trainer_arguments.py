@@ -184,10 +184,10 @@ def _is_default(value, default) -> bool:
     return str(value) == str(default)
 
 
-def check_trainer_arguments(args, declared: dict | None = None) -> None:
+def check_trainer_arguments(args) -> None:
     """Raise for refused Trainer fields set to a non-default value; warn for fields with no effect.
 
-    ``declared`` holds the values as given, before ``TrainingArguments.__post_init__`` normalised them.
+    Called on the values as given, before ``TrainingArguments.__post_init__`` normalises them.
     """
     from transformers import TrainingArguments
 
@@ -199,8 +199,8 @@ def check_trainer_arguments(args, declared: dict | None = None) -> None:
         status, note = SUPPORT.get(f.name, (WORKS, ""))
         if status == WORKS:
             continue
-        value = (declared or {}).get(f.name, getattr(args, f.name, None))
-        if _is_default(value, _default(f)):
+        value = getattr(args, f.name, None)
+        if _is_default(value, _default(f)) or (f.name == "label_names" and list(value) == ["labels"]):
             continue
         (refused if status == REFUSED else inert).append(f"{f.name}: {note}")
     if getattr(args, "train_sampling_strategy", "random") == "group_by_length":

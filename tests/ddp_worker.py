@@ -41,7 +41,12 @@ def main(out_path: str, batch: int, accum: int) -> None:
             **extra,
         )
         teacher = None if extra["distill_method"] == "byot" else tiny_timm("resnet18", seed=2, spec=spec)
-        trainer = DistillationTrainer(model=tiny_timm(seed=1, spec=spec), teacher_model=teacher, args=args,
+        teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()} if teacher is not None else {}
+        student = tiny_timm(seed=1, spec=spec)
+        seen = []  # a fingerprint of each training batch this process's student saw
+        student.register_forward_pre_hook(
+            lambda m, a: seen.append(round(float(a[0].double().sum()), 4)) if m.training else None)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                       train_dataset=train, eval_dataset=evaluation)
         trainer.train()
         metrics = trainer.evaluate()
@@ -61,10 +66,17 @@ def main(out_path: str, batch: int, accum: int) -> None:
             "eval_samples": len(evaluation),
             "world": trainer.accelerator.num_processes,
             "wrapped": type(trainer.model_wrapped).__name__,
-            "teacher_wrapped": [type(t).__name__ for t in trainer.teachers.models],
+            # what the data-parallel wrapper synchronises, and the teacher, which must not be part of it
+            "synced_params": {id(p) for p in trainer.model_wrapped.parameters()},
+            "teacher_param_ids": {id(p) for p in trainer.teachers.parameters()},
+            "teacher_unchanged": all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+            if teacher is not None else True,
+            "seen": seen,
         }
-    if int(os.environ.get("RANK", "0")) == 0:
-        torch.save(results, out_path)
+    for r in results.values():  # ids are only meaningful inside this process
+        r["teacher_synced"] = bool(r.pop("synced_params") & r.pop("teacher_param_ids"))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.save(results, out_path if rank == 0 else f"{out_path}.rank{rank}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ def test_demo_runs_offline_and_saves_the_student_with_its_card(tmp_path):
     assert result["teacher_params"] > 20 * result["student_params"]
     table = "\n".join(lines)
     assert "teacher (timm resnet18)" in table and "student distilled (KD)" in table
+    assert "      epoch 1/1: step" in table  # a sign of life during each stage
     out = tmp_path / "student_distilled"
     assert {"model.safetensors", "config.json", "README.md"} <= set(os.listdir(out))
     AutoModelForImageClassification.from_pretrained(out)

@@ -50,15 +50,21 @@ def runs(tmp_path_factory):
     out2, _ = p2.communicate(timeout=600)
     assert p1.returncode == 0, p1.stdout[-3000:] + p1.stderr[-3000:]
     assert p2.returncode == 0, out2[-5000:]
-    return torch.load(two, weights_only=False), torch.load(one, weights_only=False), tmp
+    return (torch.load(two, weights_only=False), torch.load(one, weights_only=False), tmp,
+            torch.load(f"{two}.rank1", weights_only=False))
 
 
 @pytest.mark.parametrize("method", ["kd", "fitnets", "fitnets_stage1", "byot"])
 def test_two_processes_match_one_process(runs, method):
-    two, one, _ = runs
+    two, one, _, rank1 = runs
     assert two[method]["world"] == 2 and one[method]["world"] == 1
-    assert two[method]["wrapped"] == "DistributedDataParallel"
-    assert two[method]["teacher_wrapped"] in ([], ["ResNet"])  # the teacher is never wrapped
+    # each process trained on its own share of the data ...
+    assert two[method]["seen"] and rank1[method]["seen"] and two[method]["seen"] != rank1[method]["seen"]
+    # ... yet both end with the same weights: the gradients were averaged over the processes
+    for k, v in two[method]["params"].items():
+        assert torch.equal(v, rank1[method]["params"][k]), f"{method}: rank 0 and rank 1 differ in {k}"
+    # the teacher is outside what data parallel synchronises, and never changes
+    assert not two[method]["teacher_synced"] and two[method]["teacher_unchanged"] and rank1[method]["teacher_unchanged"]
     a, b = two[method]["params"], one[method]["params"]
     assert a.keys() == b.keys()
     extras = [k for k in a if k.startswith("extras.")]
@@ -77,6 +83,6 @@ def test_two_processes_match_one_process(runs, method):
 
 
 def test_outputs_written_once_by_the_main_process(runs):
-    _, _, tmp = runs
+    _, _, tmp, _ = runs
     out = tmp / "two" / "run_kd"
     assert {"model.safetensors", "config.json", "README.md"} <= set(os.listdir(out))

@@ -80,25 +80,31 @@ def test_saved_teacher_has_no_branch_weights_reloads_identically_and_card_says_s
 
 
 def test_sftn_teacher_then_any_method_and_another_student(data32, make_args, tmp_path):
+    """The saved SFTN teacher is an ordinary teacher: KD and FitNets students (of the architecture it was made
+    for, and of another one) train from it, and their losses use its logits and features."""
     from hf_distill import load_model
+    from hf_distill.models import set_input_spec
 
     train, _ = data32
     t = _sftn(make_args, train, max_steps=2)
     t.train()
     t.save_model(str(tmp_path / "teacher"))
     teacher = load_model(str(tmp_path / "teacher"))
-    from hf_distill.models import set_input_spec
-
     set_input_spec(teacher, SPEC32)
-    for method, kw in (("kd", {}), ("fitnets", {"hint_layers": ["layer2:layer2"]})):
-        student = tiny_timm(seed=3, spec=SPEC32)
+    batch = collate_images([train[i] for i in range(8)])
+    students = [("kd", {}, tiny_timm(seed=3, spec=SPEC32)),
+                ("fitnets", {"hint_layers": ["layer2:layer2"], "hint_weight": 1.0}, tiny_timm(seed=3, spec=SPEC32)),
+                ("kd", {}, tiny_hf_resnet(seed=4, spec=SPEC32))]  # not the sftn_student_model architecture
+    for method, kw, student in students:
+        before = {k: v.clone() for k, v in student.state_dict().items()}
         d = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=train,
-                                args=make_args(distill_method=method, max_steps=2, **kw))
+                                args=make_args(distill_method=method, max_steps=2, logging_steps=1, **kw))
+        with torch.no_grad():  # the teacher the student learns from is the saved SFTN teacher
+            assert torch.equal(d.teacher_logits(batch["pixel_values"]), t.student.eval()(batch["pixel_values"]))
         d.train()
-    # a student architecture other than sftn_student_model
-    d = DistillationTrainer(model=tiny_hf_resnet(seed=4, spec=SPEC32), teacher_model=teacher, train_dataset=train,
-                            args=make_args(max_steps=2))
-    d.train()
+        assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items() if v.is_floating_point())
+        terms = set().union(*(h for h in d.state.log_history if "loss" in h))
+        assert ({"loss_kd", "loss_hint"} if method == "fitnets" else {"loss_kd", "loss_ce"}) <= terms
 
 
 def test_heterogeneous_pairs(data32, make_args, tmp_path):

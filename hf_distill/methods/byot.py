@@ -1,4 +1,4 @@
-"""Be Your Own Teacher: self-distillation through exits (Zhang et al., ICCV 2019). METHODS.md section 4.
+"""Be Your Own Teacher: self-distillation through exits (Zhang et al., ICCV 2019). docs/methods.md.
 
 Exits attach after the student's sections (its stages, from :mod:`hf_distill.stages`, unless
 ``byot_exits`` names them); the network's own head is the deepest classifier ``K``::
@@ -49,7 +49,7 @@ class BYOTArguments:
     )
     byot_feature_reduction: str = field(
         default="sum",
-        metadata={"help": "BYOT: ||F_i - F_K||^2 summed over a sample's features ('sum', METHODS.md) or averaged "
+        metadata={"help": "BYOT: ||F_i - F_K||^2 summed over a sample's features ('sum', as the paper) or averaged "
                   "over them ('mean': the term no longer grows with the feature size).",
                   "choices": list(FEATURE_REDUCTIONS)},
     )

@@ -1,4 +1,4 @@
-"""FitNets: hints for thin deep nets (Romero et al., ICLR 2015). See METHODS.md section 2.
+"""FitNets: hints for thin deep nets (Romero et al., ICLR 2015). See docs/methods.md.
 
 Stage 1 (``hint_epochs`` > 0) trains the student up to its guided layer(s) plus the
 regressors on the hint loss only; every later student parameter gets no update and later
@@ -169,7 +169,7 @@ class Hints:
                 "regressors": [modules[k] for k in self.keys()]}
 
     def loss(self, extra_outputs, teacher_features) -> torch.Tensor:
-        """Sum over the pairs of the hint loss (METHODS.md section 2), each regressed feature aligned
+        """Sum over the pairs of the hint loss (docs/methods.md), each regressed feature aligned
         to its hint's actual size first."""
         total = 0.0
         for (_, t), pred, regressor in zip(self.pairs, extra_outputs["regressed"], extra_outputs["regressors"]):

@@ -1,4 +1,4 @@
-"""SFTN: student-friendly teacher networks (Park & Cha, 2021). METHODS.md section 3.
+"""SFTN: student-friendly teacher networks (Park & Cha, 2021). docs/methods.md.
 
 Here the model being trained is the *teacher*. After each of its stages ``i < K`` a *student
 branch* is attached: a transform layer ``T_i`` (shapes adapted automatically) then a fresh
