@@ -100,3 +100,14 @@ def test_example_configs_parse(config, tmp_path):
     model_args, data_args, args = parse_train_args(["--config", str(EXAMPLES / config), "--output_dir", str(tmp_path)])
     assert config.startswith(args.distill_method)  # e.g. byot_digits.yaml -> byot
     assert model_args.student_model_name_or_path and data_args.dataset_name
+
+
+def test_cli_evaluates_at_the_training_batch_size_unless_told(tmp_path):
+    base = ["--output_dir", str(tmp_path), "--per_device_train_batch_size", "48"]
+    assert parse_train_args(base)[2].per_device_eval_batch_size == 48  # transformers' default would be 8
+    assert parse_train_args(base + ["--per_device_eval_batch_size", "16"])[2].per_device_eval_batch_size == 16
+
+
+def test_flags_are_never_abbreviated(tmp_path):
+    with pytest.raises(UsageError, match="unknown flag --num_train_epoch .*did you mean --num_train_epochs"):
+        parse_train_args(["--output_dir", str(tmp_path), "--num_train_epoch", "3"])
