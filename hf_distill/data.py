@@ -54,20 +54,13 @@ def load_image_dataset(name: str, config_name: str | None = None, cache_dir: str
     return datasets.load_dataset(name, config_name, cache_dir=cache_dir)
 
 
-class _quiet_datasets:
-    """Turn off ``datasets``' progress bars for a block (restoring the previous setting)."""
+def _quiet_datasets():
+    import datasets
 
-    def __enter__(self):
-        import datasets
+    from .models import progress_bars_off
 
-        self.was_enabled = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()
-
-    def __exit__(self, *exc):
-        import datasets
-
-        if self.was_enabled:
-            datasets.enable_progress_bars()
+    return progress_bars_off(datasets.is_progress_bar_enabled, datasets.disable_progress_bars,
+                             datasets.enable_progress_bars)
 
 
 def split_train_eval(dsd, train_split: str = "train", eval_split: str | None = None, eval_fraction: float = 0.15,

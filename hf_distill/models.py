@@ -6,6 +6,7 @@ the methods never branch on it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -572,18 +573,24 @@ def save_native(model: nn.Module, output_dir: str | os.PathLike, state_dict: dic
     return family
 
 
-class _no_transformers_progress_bars:
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
+@contextlib.contextmanager
+def progress_bars_off(is_enabled, disable, enable):
+    """Turn a library's progress bars off for a block, as it was before afterwards
+    (``progress_bars_off(datasets.is_progress_bar_enabled, datasets.disable_progress_bars, ...)``)."""
+    was_enabled = is_enabled()
+    disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            enable()
 
-        self.was_enabled = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
 
-    def __exit__(self, *exc):
-        from transformers.utils import logging as hf_logging
+def _no_transformers_progress_bars():
+    from transformers.utils import logging as hf_logging
 
-        if self.was_enabled:
-            hf_logging.enable_progress_bar()
+    return progress_bars_off(hf_logging.is_progress_bar_enabled, hf_logging.disable_progress_bar,
+                             hf_logging.enable_progress_bar)
 
 
 # pretrained_cfg keys that describe the checkpoint a model was created from; a trained student's

@@ -73,12 +73,12 @@ def test_unreadable_images_are_skipped_with_their_file_named(tmp_path, caplog):
 
 
 def test_misspelt_timm_name_lists_close_names_without_asking_the_hub(monkeypatch):
-    import huggingface_hub
+    import hf_distill.models as models
 
     def no_hub(*a, **k):
         raise AssertionError("the Hub was asked")
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr(models, "_hub_config", no_hub)  # load_model's only way to the Hub for such a name
     with pytest.raises(ModelLoadError, match=r"neither a timm architecture.*resnet18"):
         load_model("resnet181")
 
