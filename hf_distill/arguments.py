@@ -7,6 +7,7 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
+from .losses import DISTILL_LOSSES
 from .methods import METHODS, get_method
 
 # Each method may bring a dataclass of its own arguments; they all join one argument class,
@@ -46,16 +47,25 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
             + "."
         },
     )
-    alpha: float = field(
-        default=0.9,
-        metadata={"help": "Weight of the teacher (soft) term; (1 - alpha) weighs the label cross-entropy."},
+    alpha: Optional[float] = field(
+        default=None,
+        metadata={"help": "Weight of the teacher term; (1 - alpha) weighs the label cross-entropy. Default 0.9 (1.0 "
+                  "for function_matching). dkd and dist weigh their terms with their own arguments instead."},
     )
     distill_loss: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Soft term of KD-style losses: `kl` (T^2 * KL of temperature-softened outputs) or `mse` "
-            "(1/2 * ||z_s - z_t||^2 logit regression). Default: `mse` for noisy_teacher, `kl` otherwise."
+            "help": "Teacher term of KD-style losses: `kl` (T^2 * KL of temperature-softened outputs), `mse` "
+            "(1/2 * ||z_s - z_t||^2 logit regression) or `hard` (CE against the teacher's argmax, DeiT's hard "
+            "distillation; several teachers: the argmax of their mean). Default: `mse` for noisy_teacher, `kl` "
+            "otherwise."
         },
+    )
+    logit_standardization: bool = field(
+        default=False,
+        metadata={"help": "Z-score each sample's logits (teacher and student) before the temperature softmax of the "
+                  "KL teacher term (Sun et al., CVPR 2024): kd, noisy_teacher and fitnets with distill_loss kl, "
+                  "byot's teacher term, dkd. The label CE keeps the raw logits."},
     )
     teacher_noise_std: Optional[float] = field(
         default=None,
@@ -120,16 +130,24 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
             self.temperature = method.default_temperature
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.alpha is not None and not method.uses_alpha:
+            raise ValueError(f"distill_method='{self.distill_method}' does not use alpha: {method.alpha_instead}")
         for key, value in method.preset.items():  # a method's defaults for arguments left unset
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.alpha is None:
+            self.alpha = 0.9
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         self.distill_loss = self.distill_loss or "kl"
         self.teacher_noise_std = self.teacher_noise_std or 0.0
         self.teacher_noise_prob = self.teacher_noise_prob or 0.0
-        if self.distill_loss not in ("kl", "mse"):
-            raise ValueError(f"distill_loss must be 'kl' or 'mse', got '{self.distill_loss}'")
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise ValueError(f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, got '{self.distill_loss}'")
+        if self.logit_standardization and (self.distill_loss != "kl" or not method.standardizes_logits):
+            raise ValueError("logit_standardization applies to the KL teacher term of kd, noisy_teacher, fitnets, "
+                             f"byot and dkd (distill_loss kl), not to distill_method='{self.distill_method}' with "
+                             f"distill_loss '{self.distill_loss}'")
         if self.teacher_noise_std < 0 or not 0.0 <= self.teacher_noise_prob <= 1.0:
             raise ValueError("teacher_noise_std must be >= 0 and teacher_noise_prob in [0, 1]")
         if self.teacher_ensemble not in ("mean", "random"):

@@ -104,6 +104,47 @@ def call_model(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     return logits_of(model(pixel_values))
 
 
+def distillation_heads(model: nn.Module):
+    """For a student with a distillation token (DeiT), a function ``x -> (class-head logits,
+    distillation-head logits)``; ``None`` for every other model.
+
+    timm ``*_distilled_*`` ViTs (``set_distilled_training(True)`` is switched on; both heads are read
+    by hooks on ``head`` / ``head_dist`` in any mode) and transformers
+    ``DeiTForImageClassificationWithTeacher`` (``cls_logits`` / ``distillation_logits``). Both
+    libraries predict with the mean of the two heads.
+    """
+    if not has_distillation_head(model):
+        return None
+    if is_transformers_model(model):
+        def heads(x):
+            out = model(pixel_values=x)
+            return out.cls_logits, out.distillation_logits
+
+        return heads
+    model.set_distilled_training(True)  # timm: the tuple of both heads in training
+    if getattr(model, "hf_distill_heads", None) is not None:  # hooks already placed (another trainer)
+        return model.hf_distill_heads
+    captured: dict[str, torch.Tensor] = {}
+    model.head.register_forward_hook(lambda m, a, out: captured.__setitem__("cls", out))
+    model.head_dist.register_forward_hook(lambda m, a, out: captured.__setitem__("dist", out))
+
+    def timm_heads(x):
+        captured.clear()
+        model(x)
+        return captured.pop("cls"), captured.pop("dist")
+
+    model.hf_distill_heads = timm_heads
+    return timm_heads
+
+
+def has_distillation_head(model: nn.Module) -> bool:
+    """A DeiT-style model: a class head and a distillation head (timm ``*_distilled_*``, transformers
+    ``DeiTForImageClassificationWithTeacher``)."""
+    if is_transformers_model(model):
+        return isinstance(getattr(model, "distillation_classifier", None), nn.Module)
+    return hasattr(model, "set_distilled_training") and isinstance(getattr(model, "head_dist", None), nn.Module)
+
+
 def num_classes_of(model: nn.Module) -> int | None:
     """Number of output classes, when the model declares it (``None`` for plain modules)."""
     if is_transformers_model(model):
@@ -162,7 +203,7 @@ class InputSpec:
     fixed_size: bool = False  # the model cannot take another size (ViT without dynamic size)
     interpolation: str = "bilinear"
     # where the statistics came from (for the log line each teacher's input adapter writes); not compared
-    source: str = field(default="declared", compare=False)
+    source: str = field(default="declared with set_input_spec", compare=False)
 
     def __post_init__(self):
         # One value per channel: a 3-value mean on a 1-channel image would silently broadcast.

@@ -629,6 +629,14 @@ class TeacherCache:
             self._columns = (e, dict(self.data[e * n:(e + 1) * n]))
         return self._columns[1]
 
+    def labels_outside_top_k(self) -> int:
+        """How many stored entries keep a top-k that does not contain the image's label (0 for full logits)."""
+        if not self.top_k:
+            return 0
+        columns = self.data.select_columns(["topk_indices", "label"])[:]
+        indices, labels = np.asarray(columns["topk_indices"]), np.asarray(columns["label"])
+        return int((indices != labels[:, None]).all(axis=1).sum())
+
     def cache_epoch(self, epoch: int) -> int:
         """The stored epoch that serves training epoch ``epoch`` (wraps around)."""
         return int(epoch) % self.stored_epochs

@@ -23,6 +23,7 @@ from .models import (
     call_model,
     count_parameters,
     display_name,
+    distillation_heads,
     input_spec,
     is_transformers_model,
     label_names_of,
@@ -57,6 +58,7 @@ class DistillationModel(nn.Module):
         self.extras = extras
         self._method = method  # plain attributes: not modules, not saved
         self._taps = FeatureTaps(student, layers) if layers else None
+        self._heads = distillation_heads(student)  # a DeiT-style student: class and distillation heads
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
                                         offload: bool = False) -> None:
@@ -90,13 +92,21 @@ class DistillationModel(nn.Module):
         weight = next(self.student.parameters(), None)
         if weight is not None and weight.is_floating_point() and pixel_values.dtype != weight.dtype:
             pixel_values = pixel_values.to(weight.dtype)  # --bf16_full_eval / --fp16_full_eval cast the student
+        heads = {}
         if features_only and self._taps is not None:
             logits, features = None, self._taps.run_until_complete(call_model, self.student, pixel_values)
         else:
-            logits = call_model(self.student, pixel_values)
+            if self._heads is not None:
+                # training: the class head learns the labels, the distillation head the teacher; evaluation
+                # and export predict with their mean, as timm and transformers do
+                cls, dist = self._heads(pixel_values)
+                logits = cls if self.training else (cls + dist) / 2
+                heads = {"cls_head": cls, "dist_head": dist}
+            else:
+                logits = call_model(self.student, pixel_values)
             features = self._taps.pop() if self._taps is not None else {}
         extra = self._method.forward_modules(self.extras, features) if len(self.extras) else {}
-        return {"logits": logits, "features": features, "extra": extra}
+        return {"logits": logits, "features": features, "extra": extra, "heads": heads}
 
 
 def _load_accuracy():
@@ -260,6 +270,7 @@ class DistillationTrainer(Trainer):
             raise ValueError("dataloader_persistent_workers would freeze the cached epoch in the workers (cached views "
                              "change every epoch): leave it off with teacher_cache_dir")
         cache = load_teacher_cache(args.teacher_cache_dir)  # refuses a missing or partial cache
+        self.method.check_teacher_cache(cache)  # what this objective needs from the stored logits
         if train_dataset is not None:
             if not isinstance(train_dataset, TeacherCacheDataset):
                 raise ValueError(
@@ -368,6 +379,12 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixel_values, labels = inputs["pixel_values"], inputs.get("labels")
+        if labels is None and model.training and self.method.labels_needed():
+            raise ValueError(f"the training batches carry no labels, but distill_method='{self.args.distill_method}'"
+                             + (f" with alpha={self.args.alpha}" if self.args.distill_method in ("kd", "noisy_teacher")
+                                else "") + " trains on them: give the dataset a label column"
+                             + (", or set alpha=1 (the teacher term alone)"
+                                if self.args.distill_method in ("kd", "noisy_teacher") else ""))
         progress = self.progress
         if model.training:
             self.method.prepare_student(self.student, progress)
@@ -392,6 +409,7 @@ class DistillationTrainer(Trainer):
             )
         step = StepOutputs(
             student_logits=out["logits"],
+            student_dist_logits=out["heads"].get("dist_head"),
             labels=labels,
             teacher_logits=teacher_logits,
             student_features=out["features"],
@@ -441,7 +459,7 @@ class DistillationTrainer(Trainer):
         loss = F.cross_entropy(logits, labels).detach() if labels is not None else None
         if prediction_loss_only:
             return loss, None, None
-        extra = self.method.eval_logits(out)
+        extra = {**self.method.eval_logits(out), **{k: v.float() for k, v in out["heads"].items()}}
         if extra:  # predictions become (student, *extra) and metrics are named after them
             self._eval_output_names = list(extra)
             return loss, (logits.detach(), *(v.detach() for v in extra.values())), labels

@@ -438,3 +438,15 @@ def test_guessed_teacher_statistics_are_logged(digits_small, make_args, caplog):
     text = caplog.text
     assert "grey -> RGB" in text and "resized 16x16 -> 32x32" in text
     assert "guessed from model_type 'vit'" in text
+
+
+def test_unlabelled_training_batches_are_refused_unless_the_method_needs_no_labels(digits, make_args):
+    unlabelled = with_image_transform(digits["train"].select(range(32)).remove_columns("label"), tiny_spec())
+    t = DistillationTrainer(model=tiny_timm(seed=1), teacher_model=tiny_timm(seed=2), train_dataset=unlabelled,
+                            args=make_args(max_steps=1))
+    with pytest.raises(ValueError, match="carry no labels.*alpha=1"):
+        t.train()
+    t = DistillationTrainer(model=tiny_timm(seed=1), teacher_model=tiny_timm(seed=2), train_dataset=unlabelled,
+                            args=make_args(max_steps=2, alpha=1.0, logging_steps=1))
+    t.train()  # the teacher term alone needs no labels
+    assert all(h["loss_ce"] == 0 for h in t.state.log_history if "loss_ce" in h and "loss" in h)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .base import DistillationMethod, Progress, StepOutputs
 from .byot import BeYourOwnTeacher
+from .dist import DIST
+from .dkd import DecoupledKD
 from .fitnets import FitNets
 from .sftn import SFTN
 from .kd import KnowledgeDistillation, NoisyTeacher, Supervised
@@ -12,6 +14,8 @@ METHODS: dict[str, type[DistillationMethod]] = {
     m.name: m
     for m in (
         KnowledgeDistillation,
+        DecoupledKD,
+        DIST,
         FitNets,
         BeYourOwnTeacher,
         NoisyTeacher,

@@ -42,11 +42,18 @@ class StepOutputs:
 
     student_logits: torch.Tensor | None  # None when the method asked for features only
     labels: torch.Tensor | None
+    # a distillation head's logits (DeiT-style students), which then take every teacher term
+    student_dist_logits: torch.Tensor | None = None
     teacher_logits: torch.Tensor | None = None
     student_features: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
     extra_outputs: dict[str, Any] = field(default_factory=dict)
     progress: Progress = field(default_factory=Progress)
+
+    @property
+    def teacher_view_logits(self) -> torch.Tensor | None:
+        """The logits that learn from the teacher: the distillation head's if there is one, else the student's."""
+        return self.student_dist_logits if self.student_dist_logits is not None else self.student_logits
 
 
 class DistillationMethod:
@@ -64,6 +71,9 @@ class DistillationMethod:
     default_temperature: ClassVar[float] = 4.0
     preset: ClassVar[dict] = {}  # defaults for shared arguments the user left unset (None)
     paper: ClassVar[tuple[str, str] | None] = None  # (title, url) for model cards
+    uses_alpha: ClassVar[bool] = True  # False: refuse an alpha given by the user, saying what weighs the terms
+    alpha_instead: ClassVar[str] = ""
+    standardizes_logits: ClassVar[bool] = True  # logit_standardization reaches its KL teacher term
 
     def __init__(self, args):
         self.args = args
@@ -138,6 +148,15 @@ class DistillationMethod:
 
     def save(self, student: nn.Module, extras: nn.ModuleDict, output_dir: str) -> None:
         """Write method-specific files next to the saved student (only when asked to export them)."""
+
+    def check_teacher_cache(self, cache) -> None:
+        """Raise ``ValueError`` when this run cannot read what ``cache`` (a teacher-output cache) stores.
+
+        The default serves full logits and top-k logits (rebuilt with their tail), except where
+        ``logit_standardization`` needs every logit."""
+        if cache.top_k and self.args.logit_standardization:
+            raise ValueError(f"logit_standardization needs the teacher's full logits; this cache keeps only the top "
+                             f"{cache.top_k}: rebuild it without --top_k")
 
     def card_notes(self) -> dict[str, str]:
         """Facts for the model card's notes (e.g. which student an SFTN teacher was made for)."""

@@ -155,8 +155,10 @@ class BeYourOwnTeacher(DistillationMethod):
         a, T, lam = self.args.byot_alpha, self.args.temperature, self.args.byot_feature_weight
         z_k = out.student_logits
         if out.teacher_logits is not None:  # the deepest classifier also learns from a teacher
-            deep, deep_terms = kd_loss(z_k, out.teacher_logits, out.labels, self.args.temperature, self.args.alpha,
-                                       self.args.distill_loss, self.args.label_smoothing_factor)
+            args = self.args
+            deep, deep_terms = kd_loss(z_k, out.teacher_logits, out.labels, args.temperature, args.alpha,
+                                       args.distill_loss, args.label_smoothing_factor, args.logit_standardization,
+                                       out.student_dist_logits)
             terms = {f"{k}_deepest": v for k, v in deep_terms.items()}
         else:
             deep = self.ce(z_k, out.labels)

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..losses import hint_loss, soft_term
+from ..losses import TERM_NAMES, hint_loss, soft_term
 from ..schedules import SCHEDULES, anneal
 from ..taps import NHWC, TOKENS, VECTOR, num_prefix_tokens, resize_map, to_nchw
 from .base import DistillationMethod, Progress, StepOutputs
@@ -300,10 +300,11 @@ class FitNets(DistillationMethod):
             hint = self._hint(out)
             return hint, {"loss_hint": hint.detach()}
         alpha = self.args.alpha
-        kd = soft_term(out.student_logits, out.teacher_logits, self.args.distill_loss, self.args.temperature)
+        kd = soft_term(out.teacher_view_logits, out.teacher_logits, self.args.distill_loss, self.args.temperature,
+                       self.args.logit_standardization)
         ce = self.ce(out.student_logits, out.labels) if alpha < 1 else kd.new_zeros(())
         total = (1 - alpha) * ce + alpha * self.soft_weight(out.progress) * kd
-        terms = {"loss_ce": ce.detach(), "loss_kd": kd.detach()}
+        terms = {"loss_ce": ce.detach(), TERM_NAMES[self.args.distill_loss]: kd.detach()}
         if self.args.hint_weight > 0:
             hint = self._hint(out)
             total = total + self.args.hint_weight * hint

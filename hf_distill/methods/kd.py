@@ -1,4 +1,4 @@
-"""Classic knowledge distillation (Hinton et al., 2015) and plain supervised training."""
+"""Classic knowledge distillation (Hinton et al., 2015), its noisy-teacher preset, and plain supervised training."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ from .base import DistillationMethod, StepOutputs
 
 
 class KnowledgeDistillation(DistillationMethod):
-    """``(1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(softmax_T(z_t) || softmax_T(z_s))``."""
+    """``(1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(softmax_T(z_t) || softmax_T(z_s))``.
+
+    ``distill_loss`` swaps the teacher term (``mse`` logit regression, ``hard`` CE against the
+    teacher's argmax), ``logit_standardization`` z-scores both logits first. A student with a
+    distillation head (DeiT) learns the teacher term on that head and the labels on its class head.
+    """
 
     name = "kd"
     paper = ("Distilling the Knowledge in a Neural Network (Hinton et al., 2015)", "https://arxiv.org/abs/1503.02531")
@@ -18,11 +23,13 @@ class KnowledgeDistillation(DistillationMethod):
     def loss(self, out: StepOutputs):
         a = self.args
         return kd_loss(out.student_logits, out.teacher_logits, out.labels, a.temperature, a.alpha, a.distill_loss,
-                       a.label_smoothing_factor)
+                       a.label_smoothing_factor, a.logit_standardization, out.student_dist_logits)
 
     def hyperparameters(self):
         a = self.args
         params = {"temperature": a.temperature, "alpha": a.alpha, "distill_loss": a.distill_loss}
+        if a.logit_standardization:
+            params["logit_standardization"] = True
         if a.teacher_noise_prob and a.teacher_noise_std:
             params.update(teacher_noise_std=a.teacher_noise_std, teacher_noise_prob=a.teacher_noise_prob)
         if len(a.teacher_names) > 1:
@@ -44,12 +51,20 @@ class NoisyTeacher(KnowledgeDistillation):
 
 
 class Supervised(DistillationMethod):
-    """No teacher: cross-entropy on labels. The baseline every distillation is compared to."""
+    """No teacher: cross-entropy on labels. The baseline every distillation is compared to.
+
+    A student with a distillation head trains both heads on the labels (the prediction is their mean).
+    """
 
     name = "supervised"
     needs_teacher = False
     uses_teacher = False
+    uses_alpha = False
+    alpha_instead = "it trains on the labels alone"
+    standardizes_logits = False
 
     def loss(self, out: StepOutputs):
         ce = self.ce(out.student_logits, out.labels)
+        if out.student_dist_logits is not None:
+            ce = 0.5 * (ce + self.ce(out.student_dist_logits, out.labels))
         return ce, {"loss_ce": ce.detach()}

@@ -118,6 +118,9 @@ class SFTN(DistillationMethod):
     needs_teacher = False
     uses_teacher = False
     default_temperature = 1.0
+    uses_alpha = False
+    alpha_instead = "its terms are weighed by sftn_lambda_teacher, sftn_lambda_kl and sftn_lambda_ce"
+    standardizes_logits = False
     paper = ("Learning Student-Friendly Teacher Networks for Knowledge Distillation (Park et al., NeurIPS 2021)",
              "https://arxiv.org/abs/2102.07650")
 
@@ -142,6 +145,10 @@ class SFTN(DistillationMethod):
         from ..models import input_spec, load_model, num_classes_of, set_input_spec
         from ..stages import UnsupportedModelError, stage_names
 
+        from ..models import has_distillation_head
+
+        if has_distillation_head(teacher):
+            raise ValueError("sftn trains a teacher; a model with a distillation head (DeiT) is a student")
         self.student_arch = load_model(self.args.sftn_student_model, num_labels=num_classes_of(teacher),
                                        pretrained=False)
         # branches see teacher features, not images: shape the student's stages as they would be at
