@@ -79,6 +79,21 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
         metadata={"help": "Noisy teacher alpha: probability that a sample's teacher logits are perturbed. "
                   "Default 0 (0.5 for noisy_teacher)."},
     )
+    mixup_alpha: Optional[float] = field(
+        default=None,
+        metadata={"help": "Mixup alpha (timm's meaning; > 0 turns mixup on). Every training batch is mixed once, "
+                  "before the student and every teacher see it (the teacher's target is teacher(mix(x))); the label "
+                  "term learns the mixed soft labels. Default 0 (1.0 for function_matching)."},
+    )
+    cutmix_alpha: float = field(default=0.0, metadata={"help": "CutMix alpha (timm's meaning; > 0 turns CutMix on)."})
+    cutmix_minmax: Optional[list[float]] = field(
+        default=None, metadata={"help": "CutMix box size ratios (min max) instead of cutmix_alpha (timm's meaning)."})
+    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch (or element) (1.0)."})
+    mixup_switch_prob: float = field(
+        default=0.5, metadata={"help": "With mixup and CutMix both on, probability of CutMix instead of mixup (0.5)."})
+    mixup_mode: str = field(
+        default="batch", metadata={"help": "Mixing parameters per `batch`, `pair` or `elem` (timm's meaning).",
+                                   "choices": ["batch", "pair", "elem"]})
     teacher_ensemble: str = field(
         default="mean",
         metadata={"help": "With several teachers: `mean` averages their logits, `random` draws one per batch."},
@@ -137,6 +152,10 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
                 setattr(self, key, value)
         if self.alpha is None:
             self.alpha = 0.9
+        self.mixup_alpha = self.mixup_alpha or 0.0
+        self.mixing.validate()
+        if self.mixing.enabled and not method.mixes:
+            raise ValueError(f"distill_method='{self.distill_method}' cannot train on mixed images: {method.no_mixing}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         self.distill_loss = self.distill_loss or "kl"
@@ -164,6 +183,13 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
             if key in state:
                 state[key] = None
         return state
+
+    @property
+    def mixing(self):
+        """The Mixup / CutMix settings (:class:`hf_distill.mixing.MixingConfig`)."""
+        from .mixing import MixingConfig
+
+        return MixingConfig.from_args(self)
 
     @property
     def teacher_names(self) -> list[str]:

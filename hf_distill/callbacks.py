@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -47,3 +48,16 @@ class EpochPrinter(TrainerCallback):
         self.losses = []
         self.print_fn(f"{self.prefix}epoch {state.epoch:.0f}/{total:g}: step {state.global_step}/{state.max_steps}"
                       f"{loss} ({time.time() - self.start:.0f} s)")
+
+
+class SetEpochCallback(TrainerCallback):
+    """Tells a dataset whose items depend on the epoch (random views of a teacher cache, the epoch order of
+    mixed batches) which epoch begins. accelerate forwards ``set_epoch`` to the dataset only when one
+    process trains; with several, only a callback reaches it. Dataloader workers receive the epoch when
+    they start (each epoch, unless ``dataloader_persistent_workers``)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(math.floor(float(state.epoch or 0.0) + 1e-6)))

@@ -375,7 +375,8 @@ def _cache_teacher_main(argv: Sequence[str]) -> int:
     cache = build_teacher_cache(
         teachers, train, input_spec(student), args.teacher_cache_dir,
         epochs=cache_args.cache_epochs, augmentation=data_args.train_augmentation, top_k=cache_args.top_k or None,
-        batch_size=cache_args.cache_batch_size or args.per_device_train_batch_size, seed=args.seed,
+        batch_size=cache_args.cache_batch_size or args.per_device_train_batch_size,
+        seed=args.data_seed if args.data_seed is not None else args.seed, mixing=args.mixing,
         teacher_id=args.teacher_names, teacher_revision=args.teacher_revision,
         image_column=data_args.image_column_name, label_column=data_args.label_column_name,
         overwrite=cache_args.overwrite,

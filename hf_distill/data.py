@@ -12,11 +12,14 @@ import logging
 import os
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .models import InputSpec
 
 logger = logging.getLogger(__name__)
+
+MIX_KEYS = ("mix_epoch", "mix_position", "mix_lam", "mix_partner", "mix_box")
 
 DIGITS = "sklearn-digits"
 
@@ -218,6 +221,9 @@ def collate_images(examples: list[dict]) -> dict[str, torch.Tensor]:
     key = "labels" if "labels" in examples[0] else "label" if "label" in examples[0] else None
     if key is not None:
         batch["labels"] = torch.tensor([int(e[key]) for e in examples], dtype=torch.long)
+    for key in MIX_KEYS:  # where each sample sits in its epoch's order, and stored mixing parameters
+        if key in examples[0]:
+            batch[key] = torch.as_tensor(np.asarray([e[key] for e in examples]))
     if "teacher_logits" in examples[0]:
         batch["teacher_logits"] = torch.stack([torch.as_tensor(e["teacher_logits"]) for e in examples]).float()
     return batch

@@ -86,7 +86,12 @@ def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 
 
 def label_ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy with the labels (``label_smoothing`` as ``--label_smoothing_factor``), in float32."""
+    """Cross-entropy with the labels (``label_smoothing`` as ``--label_smoothing_factor``), in float32.
+
+    ``labels`` are class ids, or soft labels ``[B, C]`` (mixup / CutMix), which carry their smoothing already.
+    """
+    if labels.is_floating_point():
+        return F.cross_entropy(logits.float(), labels.float())
     return F.cross_entropy(logits.float(), labels, label_smoothing=float(label_smoothing))
 
 

@@ -82,8 +82,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from transformers import TrainerCallback
-
+from .callbacks import SetEpochCallback
 from .models import InputSpec, declares_input_spec, input_spec, model_family, model_name
 from .teacher import Teachers
 
@@ -351,12 +350,12 @@ def _read_manifest(cache_dir: str) -> dict | None:
 
 def _remove_cache_files(cache_dir: str) -> None:
     for name in os.listdir(cache_dir):
-        if (name.startswith("shard-") and (name.endswith(".arrow") or name.endswith(".arrow.tmp"))) or name in (
+        if (name.startswith("shard-") and (name.endswith(".arrow") or name.endswith(".tmp"))) or name in (
                 MANIFEST_NAME, MANIFEST_NAME + ".tmp"):
             os.remove(os.path.join(cache_dir, name))
 
 
-def _features(num_classes: int, top_k: int | None):
+def _features(num_classes: int, top_k: int | None, mixed: bool = False):
     from datasets import Features, List, Value
 
     cols = {
@@ -364,6 +363,9 @@ def _features(num_classes: int, top_k: int | None):
         "crop_top": Value("int32"), "crop_left": Value("int32"), "crop_height": Value("int32"),
         "crop_width": Value("int32"), "flip": Value("bool"),
     }
+    if mixed:
+        cols.update(position=Value("int64"), mix_lam=Value("float64"), mix_partner=Value("int64"),
+                    mix_box=List(Value("int32"), length=4))
     if top_k:
         cols.update(topk_values=List(Value("float32"), length=top_k), topk_indices=List(Value("int32"), length=top_k),
                     tail_logsumexp=Value("float32"))
@@ -385,10 +387,12 @@ def _write_shard(path: str, columns: dict[str, np.ndarray], features) -> int:
         else:
             arrays.append(pa.array(value))
     table = pa.Table.from_arrays(arrays, names=list(features)).cast(features.arrow_schema)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # one temporary name per process: several may build at once
     writer = ArrowWriter(features=features, path=tmp)
     writer.write_table(table)
     rows, _ = writer.finalize()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     return rows
 
@@ -409,6 +413,7 @@ def build_teacher_cache(
     top_k: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    mixing=None,
     teacher_id: str | Sequence[str] | None = None,
     teacher_revision: str | None = None,
     image_column: str = "image",
@@ -427,22 +432,32 @@ def build_teacher_cache(
         student_spec: the student's :class:`InputSpec` (views are made for the student; each
             teacher re-normalises them through its adapter, as in training).
         cache_dir: output folder (created).
-        epochs: number of epochs of views for ``augmentation="timm"``; ``"none"`` stores one.
+        epochs: number of epochs of views for ``augmentation="timm"`` or with ``mixing``;
+            ``"none"`` without mixing stores one.
         augmentation: ``"none"`` or ``"timm"`` (random-resized-crop + flip; see the module doc).
         top_k: store only the ``k`` largest logits (+ the tail's logsumexp) instead of all.
-        batch_size: images per teacher forward.
-        seed: seed of the view parameters.
+        batch_size: images per teacher forward; with ``mixing``, the training batch size (batches
+            are mixed, so a mixed cache serves exactly that batch size).
+        seed: seed of the view parameters (and, with ``mixing``, of the epoch order and the mixing:
+            the training run's ``data_seed``, or ``seed``).
+        mixing: a :class:`hf_distill.mixing.MixingConfig` with mixup / CutMix on: each batch, in the
+            epoch's order, is mixed as training will mix it and the logits of the *mixed* views are
+            stored with the mixing (partner, lambda, box).
         teacher_id / teacher_revision: what the teacher was loaded from (recorded, checked by
             :func:`load_teacher_cache`); default: the teachers' names.
-        shard_size: entries per Arrow shard (the unit of resuming).
+        shard_size: entries per Arrow shard (the unit of resuming; whole batches with ``mixing``).
         device / dtype: where and in which dtype the teachers run (default: their device, float32).
         overwrite: rebuild from scratch when ``cache_dir`` holds a cache built from other inputs
             (otherwise that raises :class:`TeacherCacheError`).
-        on_shard_written: called with the shard number after each shard and the manifest are on disk.
+        on_shard_written: called with the shard number after each shard this process wrote.
 
     Returns the complete :class:`TeacherCache`. A build that stops early leaves a manifest with
-    status ``"partial"`` and its complete shards; calling again with the same inputs resumes.
+    status ``"partial"`` and its complete shards; calling again with the same inputs resumes. Under
+    ``torchrun`` (several processes), the missing shards are split between the processes, each
+    written once; the first process writes the manifest.
     """
+    from .data import without_image_decoding
+
     teachers = list(teachers) if isinstance(teachers, (list, tuple, nn.ModuleList)) else [teachers]
     if not teachers:
         raise ValueError("build_teacher_cache needs at least one teacher")
@@ -454,14 +469,17 @@ def build_teacher_cache(
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if int(seed) < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    mixing = mixing if mixing is not None and mixing.enabled else None
     _check_raw_dataset(dataset, image_column, label_column)
     n = len(dataset)
     if n == 0:
         raise ValueError("the dataset is empty")
     cache_dir = os.fspath(cache_dir)
-    os.makedirs(cache_dir, exist_ok=True)
+    state = _process_state()
+    if state.is_main_process:
+        os.makedirs(cache_dir, exist_ok=True)
 
-    stored_epochs = 1 if augmentation == "none" else int(epochs)
+    stored_epochs = 1 if augmentation == "none" and mixing is None else int(epochs)
     config = {
         "teachers": _teacher_entries(teachers),
         "teacher_id": _as_id_list(teacher_id) or [model_name(t) for t in teachers],
@@ -476,10 +494,12 @@ def build_teacher_cache(
         "shard_size": int(shard_size),
         "batch_size": int(batch_size),
     }
+    if mixing is not None:
+        config["mixing"] = {**mixing.to_dict(), "seed": int(seed), "order": "numpy.default_rng([seed, epoch])"}
+    plan = _shard_plan(config, n)
     num_entries = stored_epochs * n
-    num_shards = -(-num_entries // int(shard_size))
 
-    manifest = _read_manifest(cache_dir)
+    manifest = _read_manifest(cache_dir) if os.path.isdir(cache_dir) else None
     if manifest is not None and manifest["config"] != config:
         diff = _differences(manifest["config"], config)
         if not overwrite:
@@ -487,103 +507,201 @@ def build_teacher_cache(
                 f"{cache_dir} holds a teacher cache built from other inputs:\n  - " + "\n  - ".join(diff)
                 + "\nUse another folder, or overwrite=True (CLI: --overwrite) to delete it and rebuild."
             )
-        logger.warning("rebuilding the teacher cache in %s from scratch (%s)", cache_dir, "; ".join(diff))
-        _remove_cache_files(cache_dir)
+        state.wait_for_everyone()  # every process has read the old manifest before it goes
+        if state.is_main_process:
+            logger.warning("rebuilding the teacher cache in %s from scratch (%s)", cache_dir, "; ".join(diff))
+            _remove_cache_files(cache_dir)
         manifest = None
-    if manifest is None:
-        _remove_cache_files(cache_dir)  # stray shards of a build killed before its first manifest
-        manifest = {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION, "status": "partial", "config": config,
-            "num_classes": None, "num_entries": num_entries, "num_shards": num_shards, "shards": [],
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        _write_json_atomic(os.path.join(cache_dir, MANIFEST_NAME), manifest)
-    if manifest["status"] == "complete":
+    if manifest is not None and manifest["status"] == "complete":
         logger.info("teacher cache in %s is complete; nothing to do", cache_dir)
         return load_teacher_cache(cache_dir)
+    reading = without_image_decoding(dataset, image_column)
+    num_classes = _num_classes(teachers, reading, student_spec, augmentation, seed, image_column)
+    if top_k is not None and int(top_k) >= num_classes:
+        raise ValueError(f"top_k={top_k} must be smaller than the number of classes ({num_classes})")
+    if manifest is None:
+        manifest = {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "status": "partial", "config": config,
+            "num_classes": num_classes, "num_entries": num_entries, "num_shards": len(plan), "shards": [],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        state.wait_for_everyone()
+        if state.is_main_process:
+            _remove_cache_files(cache_dir)  # stray shards of a build killed before its first manifest
+            _write_json_atomic(os.path.join(cache_dir, MANIFEST_NAME), manifest)
+    state.wait_for_everyone()
 
-    done = _complete_shards(cache_dir, manifest)
-    if done < len(manifest["shards"]):
-        manifest["shards"] = manifest["shards"][:done]
-    if done:
-        logger.info("resuming the teacher cache in %s at shard %d of %d", cache_dir, done, num_shards)
-
+    missing = [i for i, span in enumerate(plan) if not _shard_on_disk(cache_dir, i, span)]
+    if len(missing) < len(plan):
+        logger.info("resuming the teacher cache in %s: %d of %d shards to build", cache_dir, len(missing), len(plan))
+    mine = missing[state.process_index::state.num_processes]  # each shard written by one process
     ensemble = Teachers(teachers, student_spec)
     first = next(ensemble.models[0].parameters(), None)
     if device is None:
-        device = first.device if first is not None else torch.device("cpu")
+        device = state.device if state.num_processes > 1 else (first.device if first is not None else "cpu")
     device = torch.device(device)
     ensemble.to(device=device, dtype=dtype)
-    k = config["top_k"]
-    features = None if manifest["num_classes"] is None else _features(manifest["num_classes"], k)
+    mixer = None
+    if mixing is not None:
+        from .mixing import BatchMixer, EpochOrder
 
-    for shard in range(done, num_shards):
-        start, stop = shard * int(shard_size), min((shard + 1) * int(shard_size), num_entries)
-        cols: dict[str, list] = {key: [] for key in ("index", "epoch", "label", "crop_top", "crop_left",
-                                                      "crop_height", "crop_width", "flip")}
-        outputs: list[torch.Tensor] = []
-        for b0 in range(start, stop, int(batch_size)):
-            views = []
-            for epoch, index, image, label in _read_entries(dataset, b0, min(b0 + int(batch_size), stop), n,
-                                                            image_column, label_column):
-                params = draw_view_params(seed, epoch, index, image.width, image.height, augmentation)
-                views.append(render_view(image, params, student_spec, augmentation))
-                for key, value in (("index", index), ("epoch", epoch), ("label", label),
-                                   ("crop_top", params.top), ("crop_left", params.left),
-                                   ("crop_height", params.height), ("crop_width", params.width),
-                                   ("flip", params.flip)):
-                    cols[key].append(value)
-            outs = ensemble(torch.stack(views).to(device))
-            logits = (outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)).float().cpu()
-            outputs.append(logits)
-        logits = torch.cat(outputs)
-        if manifest["num_classes"] is None:
-            manifest["num_classes"] = int(logits.shape[-1])
-            if k is not None and k >= manifest["num_classes"]:
-                raise ValueError(f"top_k={k} must be smaller than the number of classes ({manifest['num_classes']})")
-            features = _features(manifest["num_classes"], k)
-        elif logits.shape[-1] != manifest["num_classes"]:
-            raise TeacherCacheError(f"the teacher outputs {logits.shape[-1]} classes, the cache holds "
-                                    f"{manifest['num_classes']}")
-        data = {key: np.asarray(v) for key, v in cols.items()}
-        if k:
-            values, indices, tail = _topk(logits, k)
+        mixer, order = BatchMixer(mixing, num_classes, seed), EpochOrder(n, seed)
+    features = _features(num_classes, config["top_k"], mixed=mixer is not None)
+    for shard in mine:
+        start, stop = plan[shard]
+        if mixer is None:
+            data = _shard_rows(ensemble, reading, start, stop, n, int(batch_size), seed, student_spec, augmentation,
+                               image_column, label_column, device)
+        else:
+            data = _mixed_shard_rows(ensemble, reading, start, stop, n, int(batch_size), seed, student_spec,
+                                     augmentation, image_column, label_column, device, mixer, order)
+        if config["top_k"]:
+            values, indices, tail = _topk(data.pop("logits"), config["top_k"])
             data.update(topk_values=values.numpy(), topk_indices=indices.to(torch.int32).numpy(),
                         tail_logsumexp=tail.numpy())
         else:
-            data["logits"] = logits.numpy()
+            data["logits"] = data["logits"].numpy()
         rows = _write_shard(os.path.join(cache_dir, _shard_name(shard)), data, features)
-        manifest["shards"].append({"file": _shard_name(shard), "start": start, "stop": stop, "rows": rows})
-        if len(manifest["shards"]) == num_shards:
-            manifest["status"] = "complete"
-            manifest["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        _write_json_atomic(os.path.join(cache_dir, MANIFEST_NAME), manifest)
-        logger.info("teacher cache: shard %d/%d written (%d entries)", shard + 1, num_shards, rows)
+        if state.num_processes == 1:  # progress in the manifest; with several processes the first writes it last
+            manifest["shards"] = _shard_entries(plan, [i for i in range(len(plan)) if i <= shard or i not in missing])
+            _write_json_atomic(os.path.join(cache_dir, MANIFEST_NAME), manifest)
+        logger.info("teacher cache: shard %d/%d written (%d entries)", shard + 1, len(plan), rows)
         if on_shard_written is not None:
             on_shard_written(shard)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        absent = [i for i, span in enumerate(plan) if not _shard_on_disk(cache_dir, i, span)]
+        if absent:
+            raise TeacherCacheError(f"{cache_dir}: shards {absent} are missing after the build")
+        manifest.update(shards=_shard_entries(plan, range(len(plan))), status="complete",
+                        completed=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        _write_json_atomic(os.path.join(cache_dir, MANIFEST_NAME), manifest)
+    state.wait_for_everyone()
     return load_teacher_cache(cache_dir)
 
 
-def _read_entries(dataset, start: int, stop: int, n: int, image_column: str, label_column: str):
-    """(epoch, index, PIL image, label) of entries ``start:stop``, read in contiguous slices."""
+def _process_state():
+    """accelerate's view of the processes (one, or those ``torchrun`` started)."""
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _shard_plan(config: dict, n: int) -> list[tuple[int, int]]:
+    """The entry range ``[start, stop)`` of every shard. Without mixing: ``shard_size`` entries each.
+    With mixing: whole batches of an epoch's order (batches restart at every epoch), ``shard_size``
+    entries' worth of batches per shard."""
+    size, epochs = int(config["shard_size"]), int(config["stored_epochs"])
+    total = epochs * n
+    if "mixing" not in config:
+        return [(start, min(start + size, total)) for start in range(0, total, size)]
+    batch = int(config["batch_size"])
+    batches = [(e * n + p, e * n + min(p + batch, n)) for e in range(epochs) for p in range(0, n, batch)]
+    per_shard = max(1, size // batch)
+    return [(group[0][0], group[-1][1]) for group in
+            (batches[i:i + per_shard] for i in range(0, len(batches), per_shard))]
+
+
+def _shard_entries(plan, done) -> list[dict]:
+    return [{"file": _shard_name(i), "start": plan[i][0], "stop": plan[i][1], "rows": plan[i][1] - plan[i][0]}
+            for i in sorted(done)]
+
+
+def _shard_on_disk(cache_dir: str, i: int, span: tuple[int, int]) -> bool:
+    """Shard ``i`` is complete: its file exists (files are renamed into place whole) with the rows it should have."""
+    import pyarrow as pa
+
+    path = os.path.join(cache_dir, _shard_name(i))
+    if not os.path.exists(path):
+        return False
+    try:
+        with pa.memory_map(path) as source:
+            rows = pa.ipc.open_stream(source).read_all().num_rows
+    except (OSError, pa.ArrowInvalid):
+        return False
+    return rows == span[1] - span[0]
+
+
+def _num_classes(teachers, reading, spec, augmentation, seed, image_column) -> int:
+    """The teachers' number of classes, from one forward pass on the first image."""
+    from .data import decode_image
+
+    image = decode_image(reading[0][image_column])
+    view = render_view(image, draw_view_params(seed, 0, 0, image.width, image.height, augmentation), spec,
+                       augmentation)
+    ensemble = Teachers(teachers, spec)
+    device = next(ensemble.parameters()).device if next(ensemble.parameters(), None) is not None else "cpu"
+    return int(ensemble(view.unsqueeze(0).to(device))[0].shape[-1])
+
+
+def _teacher_logits(ensemble, views: list[torch.Tensor], device) -> torch.Tensor:
+    outs = ensemble(torch.stack(views).to(device))
+    return (outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)).float().cpu()
+
+
+def _views(reading, indices: list[int], epoch_of: list[int], seed: int, spec, augmentation, image_column,
+           label_column, cols: dict) -> list[torch.Tensor]:
+    """Rendered views of samples ``indices`` (one Arrow read), their columns appended to ``cols``.
+
+    An unreadable image is refused, naming its file: a teacher cache needs every image."""
+    from .data import BadImageError, decode_image
+
+    rows = reading[list(indices)]
+    views = []
+    for index, epoch, value, label in zip(indices, epoch_of, rows[image_column], rows[label_column]):
+        try:
+            image = decode_image(value)
+        except BadImageError as err:
+            raise TeacherCacheError(f"sample {index}: {err}. A teacher cache needs every image: fix or remove "
+                                    "it") from None
+        params = draw_view_params(seed, epoch, index, image.width, image.height, augmentation)
+        views.append(render_view(image, params, spec, augmentation))
+        for key, v in (("index", index), ("epoch", epoch), ("label", int(label)), ("crop_top", params.top),
+                       ("crop_left", params.left), ("crop_height", params.height), ("crop_width", params.width),
+                       ("flip", params.flip)):
+            cols[key].append(v)
+    return views
+
+
+def _shard_rows(ensemble, reading, start, stop, n, batch_size, seed, spec, augmentation, image_column, label_column,
+                device) -> dict:
+    """Entries ``start:stop`` (sample ``g % n`` of epoch ``g // n``): views and the teachers' logits."""
+    cols: dict[str, list] = {key: [] for key in _VIEW_COLUMNS}
+    logits = []
+    for b0 in range(start, stop, batch_size):
+        entries = [divmod(g, n) for g in range(b0, min(b0 + batch_size, stop))]
+        views = _views(reading, [i for _, i in entries], [e for e, _ in entries], seed, spec, augmentation,
+                       image_column, label_column, cols)
+        logits.append(_teacher_logits(ensemble, views, device))
+    return {**{key: np.asarray(v) for key, v in cols.items()}, "logits": torch.cat(logits)}
+
+
+def _mixed_shard_rows(ensemble, reading, start, stop, n, batch_size, seed, spec, augmentation, image_column,
+                      label_column, device, mixer, order) -> dict:
+    """Entries ``start:stop`` of a mixed cache: position ``g % n`` of epoch ``g // n``'s order, batch by batch,
+    each batch mixed as training mixes it; the logits are the teachers' on the mixed views."""
+    cols: dict[str, list] = {key: [] for key in (*_VIEW_COLUMNS, "position", "mix_lam", "mix_partner", "mix_box")}
+    logits = []
     g = start
     while g < stop:
-        epoch, index = divmod(g, n)
-        count = min(stop - g, n - index)  # up to the end of this epoch's pass
-        rows = dataset[index:index + count]
-        for k in range(count):
-            yield epoch, index + k, rows[image_column][k], int(rows[label_column][k])
+        epoch, position = divmod(g, n)
+        count = min(batch_size, n - position)  # batches restart at every epoch
+        indices = [int(i) for i in order.permutation(epoch)[position:position + count]]
+        x = torch.stack(_views(reading, indices, [epoch] * count, seed, spec, augmentation, image_column,
+                               label_column, cols))
+        params = mixer.params(epoch, position // batch_size, x.shape)
+        for i in range(count):
+            cols["position"].append(position + i)
+            cols["mix_lam"].append(params.lam[i])
+            cols["mix_partner"].append(position + params.partner[i])
+            box = params.boxes[i] if params.boxes else None
+            cols["mix_box"].append(list(box) if box is not None else [-1, -1, -1, -1])
+        logits.append(_teacher_logits(ensemble, list(mixer.apply(x, params)), device))
         g += count
+    return {**{key: np.asarray(v) for key, v in cols.items()}, "logits": torch.cat(logits)}
 
 
-def _complete_shards(cache_dir: str, manifest: dict) -> int:
-    """How many of the manifest's shards, in order, are on disk with the rows they should have."""
-    size = manifest["config"]["shard_size"]
-    for i, entry in enumerate(manifest["shards"]):
-        path = os.path.join(cache_dir, entry["file"])
-        if entry["file"] != _shard_name(i) or entry["start"] != i * size or not os.path.exists(path):
-            return i
-    return len(manifest["shards"])
+_VIEW_COLUMNS = ("index", "epoch", "label", "crop_top", "crop_left", "crop_height", "crop_width", "flip")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,6 +723,7 @@ class TeacherCache:
         self.stored_epochs: int = int(self.config["stored_epochs"])
         self.num_samples: int = int(self.config["dataset"]["num_rows"])
         self.augmentation: str = self.config["transform"]["augmentation"]
+        self.mixed: bool = "mixing" in self.config  # entries in each epoch's order, logits of mixed views
         self.student_spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v
                                          for k, v in self.config["student_spec"].items()})
         shards = [Dataset.from_file(os.path.join(cache_dir, s["file"])) for s in manifest["shards"]]
@@ -612,7 +731,7 @@ class TeacherCache:
         if len(data) != manifest["num_entries"]:
             raise TeacherCacheError(f"{cache_dir}: the shards hold {len(data)} entries, the manifest says "
                                     f"{manifest['num_entries']}")
-        self.data = data.with_format("numpy")
+        self.data = data.with_format("numpy", dtype=None)  # keep float64 (mixing lambdas): replay is exact
         self._columns: tuple[int, dict[str, np.ndarray]] | None = None
 
     def __len__(self) -> int:
@@ -641,17 +760,19 @@ class TeacherCache:
         """The stored epoch that serves training epoch ``epoch`` (wraps around)."""
         return int(epoch) % self.stored_epochs
 
-    def entry(self, epoch: int, index: int) -> dict:
-        """The stored row of sample ``index`` for training epoch ``epoch`` (numpy values)."""
-        index = int(index)
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for a cache of {self.num_samples} samples")
+    def entry(self, epoch: int, key: int) -> dict:
+        """The stored row for training epoch ``epoch`` of sample ``key`` (numpy values); of position ``key``
+        in the epoch's order for a mixed cache."""
+        key = int(key)
+        if not 0 <= key < self.num_samples:
+            raise IndexError(f"{key} out of range for a cache of {self.num_samples} samples")
         e = self.cache_epoch(epoch)
         columns = self._epoch_columns(e)
-        row = {name: values[index] for name, values in columns.items()}
-        if int(row["index"]) != index or int(row["epoch"]) != e:
-            raise TeacherCacheError(f"{self.cache_dir}: corrupt cache: row for (epoch {e}, index {index}) holds "
-                                    f"(epoch {int(row['epoch'])}, index {int(row['index'])})")
+        row = {name: values[key] for name, values in columns.items()}
+        field = "position" if self.mixed else "index"
+        if int(row[field]) != key or int(row["epoch"]) != e:
+            raise TeacherCacheError(f"{self.cache_dir}: corrupt cache: row for (epoch {e}, {field} {key}) holds "
+                                    f"(epoch {int(row['epoch'])}, {field} {int(row[field])})")
         return row
 
     @staticmethod
@@ -680,7 +801,8 @@ class TeacherCache:
     def check(self, *, dataset=None, student_spec: InputSpec | None = None,
               teachers: nn.Module | Sequence[nn.Module] | None = None, teacher_id=None, teacher_revision=None,
               augmentation: str | None = None, seed: int | None = None, top_k: int | None = None,
-              image_column: str | None = None, label_column: str | None = None) -> None:
+              image_column: str | None = None, label_column: str | None = None, mixing=None,
+              batch_size: int | None = None) -> None:
         """Raise :class:`TeacherCacheError` listing every difference from what is given (``None``: not checked)."""
         given: dict[str, Any] = {}
         if dataset is not None:
@@ -704,7 +826,17 @@ class TeacherCache:
             given.setdefault("transform", {})["seed"] = int(seed)
         if top_k is not None:
             given["top_k"] = int(top_k) or None
-        diff = _differences(self.config, given)
+        if mixing is not None:
+            wanted = mixing.to_dict() if mixing.enabled else None
+            stored = {k: v for k, v in self.config["mixing"].items() if k in (wanted or {})} if self.mixed else None
+            if stored != wanted:
+                given["mixing"] = wanted if wanted is not None else "off"
+            elif self.mixed:  # batches and their mixing are the cache's: the same batch size and seed
+                if batch_size is not None:
+                    given["batch_size"] = int(batch_size)
+                if seed is not None:
+                    given.setdefault("mixing", {})["seed"] = int(seed)
+        diff = _differences({**self.config, "mixing": self.config.get("mixing", "off")}, given)
         if diff:
             raise TeacherCacheError(
                 f"the teacher cache in {self.cache_dir} does not match what it is used with:\n  - "
@@ -750,17 +882,27 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
     ``pixel_values`` is the view the teacher saw at the current epoch (replayed from the stored
     parameters) and ``teacher_logits`` its cached logits. ``set_epoch`` selects the epoch
     (``epoch % stored_epochs``); see the module doc for who calls it.
+
+    A *mixed* cache (built with mixup / CutMix) is read by position in the stored epoch's order
+    (``ordered_by_epoch``: the trainer reads it sequentially), and each item also carries where it
+    sits (``mix_epoch``, ``mix_position``) and its stored mixing (``mix_lam``, ``mix_partner``,
+    ``mix_box``): the trainer mixes the unmixed views exactly as the teacher saw them mixed, and
+    ``teacher_logits`` are those of the mixed view.
     """
 
     def __init__(self, dataset, cache: TeacherCache, student_spec: InputSpec, image_column: str = "image",
                  label_column: str = "label"):
+        from .data import without_image_decoding
+
         _check_raw_dataset(dataset, image_column, label_column)
         cache.check(dataset=dataset, student_spec=student_spec, image_column=image_column, label_column=label_column)
         self.dataset = dataset
+        self._reading = without_image_decoding(dataset, image_column)
         self.cache = cache
         self.student_spec = student_spec
         self.image_column, self.label_column = image_column, label_column
         self.epoch = 0
+        self.ordered_by_epoch = cache.mixed
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -771,22 +913,29 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
     def __getitem__(self, index) -> dict[str, Any]:
         return self.__getitems__([index])[0]
 
-    def __getitems__(self, indices) -> list[dict[str, Any]]:
-        # one batched Arrow read for the whole batch (the DataLoader calls this when it exists)
-        indices = [int(i) for i in indices]
-        batch = self.dataset[indices]
+    def __getitems__(self, keys) -> list[dict[str, Any]]:
+        """Items by sample index, or by position in the epoch's order for a mixed cache (one Arrow read each)."""
+        from .data import decode_image
+
+        rows = [self.cache.entry(self.epoch, int(k)) for k in keys]
+        indices = [int(row["index"]) for row in rows]
+        batch = self._reading[indices]
         out = []
-        for index, image, label in zip(indices, batch[self.image_column], batch[self.label_column]):
-            row = self.cache.entry(self.epoch, index)
+        for index, row, value, label in zip(indices, rows, batch[self.image_column], batch[self.label_column]):
             label = int(label)
             if int(row["label"]) != label:
                 raise TeacherCacheError(
                     f"sample {index}: the dataset's label is {label}, the cache's {int(row['label'])}")
-            out.append({
-                "pixel_values": self.cache.render(image, self.cache.params_of(row)),
+            item = {
+                "pixel_values": self.cache.render(decode_image(value), self.cache.params_of(row)),
                 "labels": label,
                 "teacher_logits": self.cache.logits_of(row),
-            })
+            }
+            if self.cache.mixed:
+                item.update(mix_epoch=self.cache.cache_epoch(self.epoch), mix_position=int(row["position"]),
+                            mix_lam=float(row["mix_lam"]), mix_partner=int(row["mix_partner"]),
+                            mix_box=[int(v) for v in row["mix_box"]])
+            out.append(item)
         return out
 
 
@@ -803,19 +952,6 @@ def with_teacher_cache(dataset, cache: TeacherCache | str | os.PathLike, student
     return TeacherCacheDataset(dataset, cache, student_spec, image_column, label_column)
 
 
-def _epoch_of(state) -> int:
-    return int(math.floor(float(state.epoch or 0.0) + 1e-6))
-
-
-class TeacherCacheCallback(TrainerCallback):
-    """Sets the training epoch on a :class:`TeacherCacheDataset` at every ``on_epoch_begin``.
-
-    accelerate forwards ``set_epoch`` to the dataset only when one process trains; with several
-    the dataset would stay at epoch 0 without this callback.
-    """
-
-    def __init__(self, dataset: TeacherCacheDataset):
-        self.dataset = dataset
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.set_epoch(_epoch_of(state))
+class TeacherCacheCallback(SetEpochCallback):
+    """Sets the training epoch on a :class:`TeacherCacheDataset` at every ``on_epoch_begin``
+    (the trainer adds it by itself; kept for code that adds it by hand)."""

@@ -15,6 +15,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import DistillationTrainingArguments
+from .callbacks import SetEpochCallback
 from .data import collate_images
 from .losses import perturb_logits
 from .methods import Progress, StepOutputs, get_method
@@ -141,6 +142,25 @@ def _accuracy(logits, labels) -> float:
     return float((pred_ids == labels).mean())
 
 
+def teacher_metrics(student_logits: np.ndarray, teacher_logits: np.ndarray, labels=None) -> dict[str, float]:
+    """The teacher's accuracy (with labels), and how far the student follows it: top-1 agreement and the
+    mean ``KL(teacher || student)`` at temperature 1."""
+    s, t = np.asarray(student_logits, dtype=np.float64), np.asarray(teacher_logits, dtype=np.float64)
+    if s.shape != t.shape:
+        raise RuntimeError(f"teacher logits {t.shape} do not line up with the student's {s.shape}")
+
+    def log_softmax(z):
+        z = z - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+    log_ps, log_pt = log_softmax(s), log_softmax(t)
+    metrics = {"teacher_agreement": float((s.argmax(-1) == t.argmax(-1)).mean()),
+               "teacher_kl": float((np.exp(log_pt) * (log_pt - log_ps)).sum(-1).mean())}
+    if labels is not None:
+        metrics["teacher_accuracy"] = float((t.argmax(-1) == _concat(labels)).mean())
+    return metrics
+
+
 def accuracy_metrics(eval_pred, names: Sequence[str] = ()) -> dict[str, float]:
     """Default ``compute_metrics``: top-1 accuracy of the student (and of named extra outputs)."""
     preds = eval_pred.predictions
@@ -206,13 +226,17 @@ class DistillationTrainer(Trainer):
             )
         self.teacher_cache = self._check_teacher_cache(args, teachers, train_dataset)
         check_label_spaces(student, teachers)
+        self.mixer, train_dataset = self._mixing(args, student, teachers, train_dataset)
         self.student_spec = input_spec(student)
         self.method.setup(student, teachers)
         self.teachers = Teachers(teachers, self.student_spec, self.method.teacher_layers())
         for line in self.teachers.describe_inputs():
             logger.info(line)
         extras = self.method.build_modules(student, list(self.teachers.models), self._probe(student))
-        self._teacher_metrics: dict[tuple, float] = {}
+        # evaluation: the teachers' logits per (dataset, batch), computed once; those of the running evaluation
+        self._eval_teacher_cache: dict[tuple, torch.Tensor] = {}
+        self._eval_teacher_key: tuple | None = None
+        self._eval_teacher_batches: list[torch.Tensor] = []
         # Facts for the model card that the arguments do not hold (dataset, license, ...).
         self.card_info: dict[str, Any] = {}
         self._timing_cache: dict | None = None
@@ -241,11 +265,13 @@ class DistillationTrainer(Trainer):
             optimizers=optimizers,
             **kwargs,
         )
-        from .teacher_cache import TeacherCacheCallback, TeacherCacheDataset
+        from .mixing import EpochOrderedDataset
+        from .teacher_cache import TeacherCacheDataset
 
-        if isinstance(train_dataset, TeacherCacheDataset):
-            # cached views are per epoch; with several processes only a callback reaches the dataset
-            self.add_callback(TeacherCacheCallback(train_dataset))
+        if isinstance(train_dataset, (TeacherCacheDataset, EpochOrderedDataset)):
+            # items depend on the epoch (cached views, the epoch's order); with several processes only a
+            # callback reaches the dataset
+            self.add_callback(SetEpochCallback(train_dataset))
         # A timm model's forward(x) names no labels: tell the Trainer where they are.
         self.label_names = ["labels"]
         # compute_loss returns a per-batch mean, so the Trainer scales it for accumulation.
@@ -279,10 +305,64 @@ class DistillationTrainer(Trainer):
             if os.path.realpath(train_dataset.cache.cache_dir) != os.path.realpath(args.teacher_cache_dir):
                 raise ValueError(f"train_dataset reads the teacher cache in '{train_dataset.cache.cache_dir}' but "
                                  f"teacher_cache_dir is '{args.teacher_cache_dir}'")
+        # a mixed cache stores whole mixed batches: the run must mix the same way, in batches of the same size
+        data_seed = args.data_seed if args.data_seed is not None else args.seed
+        cache.check(mixing=args.mixing, batch_size=args.per_device_train_batch_size,
+                    seed=data_seed if cache.mixed else None)
         if teachers:
             # the teachers named here are the ones cards and eval_teacher_accuracy report: they must be the cache's
             cache.check(teachers=teachers)
         return cache
+
+    def _mixing(self, args, student, teachers, train_dataset):
+        """(the batch mixer, the training data in its epoch order) when mixup / CutMix is on."""
+        if not args.mixing.enabled:
+            return None, train_dataset
+        from .mixing import BatchMixer, EpochOrderedDataset
+        from .models import num_classes_of
+
+        n_classes = num_classes_of(student) or next((num_classes_of(t) for t in teachers if num_classes_of(t)), None)
+        if n_classes is None:
+            raise ValueError("mixup / CutMix needs the number of classes for the mixed labels: give the student a "
+                             "num_classes (timm) / num_labels (transformers) attribute")
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        mixer = BatchMixer(args.mixing, n_classes, seed)
+        if train_dataset is not None and not getattr(train_dataset, "ordered_by_epoch", False):
+            if not hasattr(train_dataset, "__len__"):
+                raise ValueError("mixup / CutMix with a dataset without a length (a stream) is not supported: the "
+                                 "mixed batches follow a per-epoch order of the whole dataset")
+            # a sample is mixed with its batch partner: batches follow a fixed per-epoch order so that where
+            # a batch sits decides its mixing (and a teacher-output cache can replay it)
+            train_dataset = EpochOrderedDataset(train_dataset, seed)
+        return mixer, train_dataset
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(dataset, "ordered_by_epoch", False):
+            return torch.utils.data.SequentialSampler(dataset)  # the dataset orders itself per epoch
+        return super()._get_train_sampler(train_dataset)
+
+    def _mix(self, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch mixed once (student and teachers see the same images), and its mixed soft labels."""
+        from .mixing import MixParams
+
+        x, labels = inputs["pixel_values"], inputs.get("labels")
+        positions, epochs = inputs.get("mix_position"), inputs.get("mix_epoch")
+        if positions is None:
+            raise RuntimeError("mixed training needs batches in the epoch order (EpochOrderedDataset); a custom "
+                               "sampler or collator dropped it")
+        size, start = self.args.per_device_train_batch_size, int(positions[0])
+        expected = torch.arange(start, start + len(positions), device=positions.device)
+        if start % size or not torch.equal(positions, expected):
+            raise RuntimeError(f"a mixed batch must be a run of consecutive positions starting at a multiple of the "
+                               f"batch size ({size}); got positions {positions.tolist()[:4]}...")
+        if "mix_lam" in inputs:  # a teacher-output cache: the parameters its teacher saw, replayed
+            boxes = [tuple(int(v) for v in b) if b[0] >= 0 else None for b in inputs["mix_box"].tolist()]
+            params = MixParams(lam=[float(v) for v in inputs["mix_lam"].tolist()],
+                               partner=[int(p) - start for p in inputs["mix_partner"].tolist()], boxes=boxes)
+        else:
+            params = self.mixer.params(int(epochs[0]), start // size, x.shape)
+        return self.mixer.apply(x, params), (self.mixer.targets(labels, params) if labels is not None else None)
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
@@ -385,6 +465,8 @@ class DistillationTrainer(Trainer):
                                 else "") + " trains on them: give the dataset a label column"
                              + (", or set alpha=1 (the teacher term alone)"
                                 if self.args.distill_method in ("kd", "noisy_teacher") else ""))
+        if model.training and self.mixer is not None:
+            pixel_values, labels = self._mix(inputs)
         progress = self.progress
         if model.training:
             self.method.prepare_student(self.student, progress)
@@ -450,7 +532,10 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ evaluation
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Student logits and label cross-entropy (``eval_loss`` is the student's CE for every method)."""
+        """Student logits and label cross-entropy (``eval_loss`` is the student's CE for every method).
+
+        The teachers' logits on the same batch are kept for the teacher metrics (once per evaluation
+        dataset: they are cached, the teachers do not change)."""
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
         with torch.no_grad(), self.autocast_smart_context_manager():
@@ -459,11 +544,21 @@ class DistillationTrainer(Trainer):
         loss = F.cross_entropy(logits, labels).detach() if labels is not None else None
         if prediction_loss_only:
             return loss, None, None
+        if self._eval_teacher_key is not None:
+            self._collect_teacher_logits(inputs["pixel_values"])
         extra = {**self.method.eval_logits(out), **{k: v.float() for k, v in out["heads"].items()}}
         if extra:  # predictions become (student, *extra) and metrics are named after them
             self._eval_output_names = list(extra)
             return loss, (logits.detach(), *(v.detach() for v in extra.values())), labels
         return loss, logits.detach(), labels
+
+    def _collect_teacher_logits(self, pixel_values: torch.Tensor) -> None:
+        key = (*self._eval_teacher_key, len(self._eval_teacher_batches))
+        logits = self._eval_teacher_cache.get(key)
+        if logits is None:
+            logits = self.teacher_logits(pixel_values).float().cpu()
+            self._eval_teacher_cache[key] = logits
+        self._eval_teacher_batches.append(self.accelerator.gather_for_metrics(logits.to(pixel_values.device)).cpu())
 
     def _sync_buffers(self) -> None:
         """Give every process rank 0's buffers (BatchNorm statistics): each process updated its own
@@ -475,27 +570,23 @@ class DistillationTrainer(Trainer):
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         self._sync_buffers()
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                         metric_key_prefix)
-        if len(self.teachers) and self.args.eval_teacher and output.label_ids is not None:
-            # once per evaluation dataset (the teacher does not change), whatever the metric prefix
-            key = (id(dataloader.dataset), len(dataloader.dataset))
-            if key not in self._teacher_metrics:
-                self._teacher_metrics[key] = self._teacher_accuracy(dataloader)
-            output.metrics[f"{metric_key_prefix}_teacher_accuracy"] = self._teacher_metrics[key]
+        loss_only = prediction_loss_only if prediction_loss_only is not None else self.args.prediction_loss_only
+        if len(self.teachers) and self.args.eval_teacher and not loss_only:
+            self._eval_teacher_key = (id(dataloader.dataset), len(dataloader.dataset))
+        self._eval_teacher_batches = []
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+        finally:
+            collected, self._eval_teacher_key = self._eval_teacher_key, None
+        if collected is not None and self._eval_teacher_batches and output.predictions is not None:
+            teacher = torch.cat(self._eval_teacher_batches).numpy()
+            preds = output.predictions
+            student = preds[0] if isinstance(preds, tuple) else preds
+            for name, value in teacher_metrics(_concat(student), teacher, output.label_ids).items():
+                output.metrics[f"{metric_key_prefix}_{name}"] = value
+        self._eval_teacher_batches = []
         return output
-
-    @torch.no_grad()
-    def _teacher_accuracy(self, dataloader) -> float:
-        """Accuracy of the (mean) teacher on the evaluation data, gathered over processes."""
-        correct, total = 0, 0
-        for batch in dataloader:
-            batch = self._prepare_inputs(batch)
-            preds = self.teacher_logits(batch["pixel_values"]).argmax(-1)
-            preds, labels = self.accelerator.gather_for_metrics((preds, batch["labels"]))
-            correct += int((preds == labels).sum())
-            total += int(labels.numel())
-        return correct / max(total, 1)
 
     # ------------------------------------------------------------------ saving & resuming
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -139,7 +139,8 @@ SUPPORT: dict[str, tuple[str, str]] = {
                               "(a timm model's forward(x) names no input column); it stays False"),
     "label_names": (REFUSED, "batches carry their labels as 'labels' (the collator renames 'label'); choose the "
                     "dataset column with label_column_name instead"),
-    "train_sampling_strategy": (WORKS, "'random' or 'sequential'; 'group_by_length' is refused (texts only)"),
+    "train_sampling_strategy": (WORKS, "'random' or 'sequential'; 'group_by_length' and 'batch_rebalance' are "
+                                "refused (they sort or balance texts by token count)"),
     "length_column_name": (REFUSED, "it serves group_by_length, which sorts texts by length"),
     # distributed training
     "ddp_find_unused_parameters": (WORKS, "set automatically where a method leaves parameters unused (FitNets, SFTN)"),
@@ -203,8 +204,9 @@ def check_trainer_arguments(args) -> None:
         if _is_default(value, _default(f)) or (f.name == "label_names" and list(value) == ["labels"]):
             continue
         (refused if status == REFUSED else inert).append(f"{f.name}: {note}")
-    if getattr(args, "train_sampling_strategy", "random") == "group_by_length":
-        refused.append("train_sampling_strategy='group_by_length': it sorts texts by length; images have none")
+    if getattr(args, "train_sampling_strategy", "random") in ("group_by_length", "batch_rebalance"):
+        refused.append(f"train_sampling_strategy='{args.train_sampling_strategy}': it sorts or balances texts by their "
+                       "token count; images have none")
     if args.fp16 and (args.use_cpu or not _has_accelerator()):
         refused.append("fp16: fp16 mixed precision needs a CUDA GPU (accelerate runs no fp16 autocast on CPU); on "
                        "CPU use bf16, or teacher_dtype='float16' for the teacher alone")

@@ -8,7 +8,7 @@ from .dist import DIST
 from .dkd import DecoupledKD
 from .fitnets import FitNets
 from .sftn import SFTN
-from .kd import KnowledgeDistillation, NoisyTeacher, Supervised
+from .kd import FunctionMatching, KnowledgeDistillation, NoisyTeacher, Supervised
 
 METHODS: dict[str, type[DistillationMethod]] = {
     m.name: m
@@ -19,6 +19,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
         FitNets,
         BeYourOwnTeacher,
         NoisyTeacher,
+        FunctionMatching,
         SFTN,
         Supervised,
     )

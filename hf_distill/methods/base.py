@@ -74,6 +74,8 @@ class DistillationMethod:
     uses_alpha: ClassVar[bool] = True  # False: refuse an alpha given by the user, saying what weighs the terms
     alpha_instead: ClassVar[str] = ""
     standardizes_logits: ClassVar[bool] = True  # logit_standardization reaches its KL teacher term
+    mixes: ClassVar[bool] = True  # trains on mixup/CutMix batches (soft labels); False: ``no_mixing`` says why
+    no_mixing: ClassVar[str] = ""
 
     def __init__(self, args):
         self.args = args

@@ -30,6 +30,8 @@ class DecoupledKD(DistillationMethod):
     arguments = DKDArguments
     uses_alpha = False
     alpha_instead = "its terms are weighed by dkd_alpha (TCKD) and dkd_beta (NCKD), next to the label CE"
+    mixes = False
+    no_mixing = "DKD splits the teacher's knowledge at each image's one label, which a mixed image does not have"
     paper = ("Decoupled Knowledge Distillation (Zhao et al., CVPR 2022)", "https://arxiv.org/abs/2203.08679")
 
     @classmethod

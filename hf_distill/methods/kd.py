@@ -50,6 +50,21 @@ class NoisyTeacher(KnowledgeDistillation):
              "https://arxiv.org/abs/1610.09650")
 
 
+class FunctionMatching(KnowledgeDistillation):
+    """Function matching (Beyer et al., CVPR 2022): KD towards a consistent teacher on aggressively mixed images.
+
+    Defaults for arguments left unset: ``alpha=1`` (the KD term only: no labels needed),
+    ``temperature=1``, ``mixup_alpha=1`` (every batch mixed, the teacher seeing the same mixed images).
+    Pair it with random crops (``train_augmentation="timm"``) and a long schedule.
+    """
+
+    name = "function_matching"
+    default_temperature = 1.0
+    preset = {"alpha": 1.0, "mixup_alpha": 1.0}
+    paper = ("Knowledge distillation: A good teacher is patient and consistent (Beyer et al., CVPR 2022)",
+             "https://arxiv.org/abs/2106.05237")
+
+
 class Supervised(DistillationMethod):
     """No teacher: cross-entropy on labels. The baseline every distillation is compared to.
 
