@@ -111,3 +111,21 @@ def test_cli_evaluates_at_the_training_batch_size_unless_told(tmp_path):
 def test_flags_are_never_abbreviated(tmp_path):
     with pytest.raises(UsageError, match="unknown flag --num_train_epoch .*did you mean --num_train_epochs"):
         parse_train_args(["--output_dir", str(tmp_path), "--num_train_epoch", "3"])
+
+
+def test_cli_function_matching_from_a_mixed_cache(tmp_path, capsys):
+    teacher_dir, cache = tmp_path / "teacher", tmp_path / "cache"
+    main(TINY + ["--output_dir", str(teacher_dir), "--distill_method", "supervised", "--max_steps", "2"])
+    common = TINY + ["--distill_method", "function_matching", "--cutmix_alpha", "1.0", "--mixup_mode", "elem"]
+    assert main(["cache-teacher"] + common + ["--output_dir", str(tmp_path / "x"), "--teacher_model_name_or_path",
+                                               str(teacher_dir), "--teacher_cache_dir", str(cache),
+                                               "--cache_epochs", "2"]) == 0
+    out = tmp_path / "student"
+    assert main(common + ["--output_dir", str(out), "--teacher_cache_dir", str(cache), "--max_steps", "6",
+                          "--logging_steps", "1"]) == 0
+    text = capsys.readouterr().out
+    assert '"eval_accuracy"' in text and (out / "model.safetensors").exists()
+    # the same cache with other mixing is refused, in one line
+    assert main(common[:-4] + ["--output_dir", str(tmp_path / "s2"), "--teacher_cache_dir", str(cache),
+                               "--mixup_alpha", "0.3", "--max_steps", "2"]) == 1
+    assert "mixup_alpha" in capsys.readouterr().err
