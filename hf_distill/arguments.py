@@ -115,6 +115,11 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
             "--bf16/--fp16 on an accelerator and float32 otherwise."
         },
     )
+    teacher_device: Optional[str] = field(
+        default=None,
+        metadata={"help": "Device for the teachers (e.g. `cuda:1`), when a large teacher should not share the "
+                  "student's accelerator; batches go there and the outputs come back. Default: the student's device."},
+    )
     eval_teacher: bool = field(
         default=True,
         metadata={"help": "Also report the teacher's accuracy (`eval_teacher_accuracy`), computed once per evaluation "
@@ -249,6 +254,14 @@ class DataArguments:
     label_column_name: str = field(default="label", metadata={"help": "Column holding the class ids."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many training images."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many evaluation images."})
+    knn_split: Optional[str] = field(
+        default=None,
+        metadata={"help": "Feature distillation: a labelled split (e.g. `train`) whose features are the k-NN "
+                  "classifier's memory, to report eval_knn_accuracy (student) and eval_teacher_knn_accuracy on a "
+                  "labelled evaluation split (DINO's k-NN: k=20, cosine)."},
+    )
+    knn_max_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep only this many (random) images of --knn_split."})
     train_augmentation: str = field(
         default="none",
         metadata={"help": "`none` (resize + normalise) or `timm` (timm's training transform: random resized crop, flip)."},

@@ -46,7 +46,8 @@ class EpochPrinter(TrainerCallback):
         total = getattr(state, "num_train_epochs", None) or args.num_train_epochs
         loss = f", loss {sum(self.losses) / len(self.losses):.4f}" if self.losses else ""
         self.losses = []
-        self.print_fn(f"{self.prefix}epoch {state.epoch:.0f}/{total:g}: step {state.global_step}/{state.max_steps}"
+        epoch = f"{state.epoch:.0f}" if abs(state.epoch - round(state.epoch)) < 1e-6 else f"{state.epoch:.2f}"
+        self.print_fn(f"{self.prefix}epoch {epoch}/{total:g}: step {state.global_step}/{state.max_steps}"
                       f"{loss} ({time.time() - self.start:.0f} s)")
 
 

@@ -218,17 +218,19 @@ def dataset_classes(train, label_column: str) -> tuple[int, list[str] | None]:
     return int(max(values)) + 1, None
 
 
-def load_student(model_args, train, label_column: str):
-    """The student named in the arguments, with the dataset's classes and the requested input size."""
+def load_student(model_args, train, label_column: str, backbone: bool = False):
+    """The student named in the arguments, with the dataset's classes (or, for feature distillation, as a
+    backbone: no classes, no labels needed) and the requested input size."""
     from .models import input_spec, load_model, set_input_spec
 
     if not model_args.student_model_name_or_path:
         raise UsageError("--student_model_name_or_path is required")
-    num_labels, names = dataset_classes(train, label_column)
+    num_labels, names = (None, None) if backbone else dataset_classes(train, label_column)
     student_kw = {"in_chans": model_args.in_chans} if model_args.in_chans else {}
     student = load_model(
         model_args.student_model_name_or_path, num_labels=num_labels, pretrained=model_args.student_pretrained,
-        revision=model_args.student_revision, cache_dir=model_args.cache_dir, label_names=names, **student_kw,
+        revision=model_args.student_revision, cache_dir=model_args.cache_dir, label_names=names, backbone=backbone,
+        **student_kw,
     )
     if model_args.image_size:
         size = (model_args.image_size, model_args.image_size)
@@ -236,14 +238,30 @@ def load_student(model_args, train, label_column: str):
     return student
 
 
-def load_teachers(model_args, training_args):
+def load_teachers(model_args, training_args, backbone: bool = False):
     from .models import load_model
 
     return [
         load_model(name, pretrained=model_args.teacher_pretrained, revision=training_args.teacher_revision,
-                   cache_dir=model_args.cache_dir)
+                   cache_dir=model_args.cache_dir, backbone=backbone)
         for name in training_args.teacher_names
     ]
+
+
+def load_knn_split(data_args, seed: int, cache_dir: str | None = None):
+    """The labelled split whose features are the k-NN memory (feature distillation), or None."""
+    from .data import load_image_dataset
+
+    if not data_args.knn_split:
+        return None
+    dsd = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir)
+    if data_args.knn_split not in dsd:
+        raise UsageError(f"--knn_split: no split '{data_args.knn_split}' in the dataset; splits: {list(dsd)}")
+    split = dsd[data_args.knn_split]
+    if data_args.label_column_name not in split.column_names:
+        raise UsageError(f"--knn_split {data_args.knn_split} has no label column '{data_args.label_column_name}' "
+                         f"(columns {split.column_names}): the k-NN memory needs labels")
+    return _random_subset(split, data_args.knn_max_samples, seed) if data_args.knn_max_samples else split
 
 
 def check_teacher_classes(student, teachers, data_args) -> None:
@@ -291,11 +309,15 @@ def run_training(model_args, data_args, training_args, print_fn=print):
     if method.needs_teacher and not training_args.teacher_names and not training_args.teacher_cache_dir:
         raise UsageError(f"--distill_method {training_args.distill_method} needs a teacher: "
                          "--teacher_model_name_or_path (or a teacher-output cache, --teacher_cache_dir)")
+    features = method.student_output == "features"  # label-free feature distillation: backbones, no labels
     train, evaluation = load_splits(data_args, training_args.seed, model_args.cache_dir)
     set_seed(training_args.seed)  # a randomly initialised student is the same for the same --seed
-    student = load_student(model_args, train, data_args.label_column_name)
+    student = load_student(model_args, train, data_args.label_column_name, backbone=features)
     spec = input_spec(student)
     columns = {"image_column": data_args.image_column_name, "label_column": data_args.label_column_name}
+    knn = load_knn_split(data_args, training_args.seed, model_args.cache_dir)
+    if knn is not None and not features:
+        raise UsageError("--knn_split applies to --distill_method feature (classifiers report eval_accuracy)")
     if training_args.teacher_cache_dir:
         from .teacher_cache import with_teacher_cache
 
@@ -303,8 +325,9 @@ def run_training(model_args, data_args, training_args, print_fn=print):
         train_dataset = with_teacher_cache(train, training_args.teacher_cache_dir, spec, **columns)
     else:
         train_dataset = with_image_transform(train, spec, True, data_args.train_augmentation, **columns)
-    teachers = load_teachers(model_args, training_args)
-    check_teacher_classes(student, teachers, data_args)
+    teachers = load_teachers(model_args, training_args, backbone=features)
+    if not features:
+        check_teacher_classes(student, teachers, data_args)
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teachers or None,
@@ -312,6 +335,7 @@ def run_training(model_args, data_args, training_args, print_fn=print):
         train_dataset=train_dataset,
         eval_dataset=with_image_transform(evaluation, spec, False, **columns),
         callbacks=[EpochPrinter(print_fn)] if training_args.disable_tqdm else None,
+        knn_train_dataset=with_image_transform(knn, spec, False, **columns) if knn is not None else None,
     )
     trainer.card_info.update(dataset=data_args.dataset_name)
     print_fn(f"training {model_args.student_model_name_or_path} with {training_args.distill_method} on "

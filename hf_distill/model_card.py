@@ -124,6 +124,7 @@ class CardContext:
     image_size: tuple[int, int] | None = None
     in_chans: int = 3
     notes: dict[str, str] = field(default_factory=dict)  # extra facts, rendered as a list
+    task: str = "image-classification"  # or "image-feature-extraction" (a feature-distilled backbone)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +336,7 @@ def _method_info(method: str, paper: tuple[str, str] | None) -> tuple[str, str, 
 
 def _card_data(ctx: CardContext, teachers_hub: list[str], dataset_id: str | None, model_name: str) -> ModelCardData:
     library = ctx.library_name if ctx.library_name in ("timm", "transformers") else "pytorch"
-    tags = ["knowledge-distillation", ctx.method, "image-classification"]
+    tags = ["knowledge-distillation", ctx.method, ctx.task]
     if ctx.library_name == "timm":
         tags.append("timm")
     tags.append("hf-distill")
@@ -347,16 +348,17 @@ def _card_data(ctx: CardContext, teachers_hub: list[str], dataset_id: str | None
         else:
             license_, license_name = "other", re.sub(r"[^a-z0-9.-]+", "-", lic).strip("-") or "other"
     eval_results = None
-    acc = ctx.metrics.get("accuracy")
+    features = ctx.task != "image-classification"
+    acc = ctx.metrics.get("knn_accuracy" if features else "accuracy")
     if ctx.dataset and isinstance(acc, (int, float)) and not math.isnan(float(acc)):
         eval_results = [
             EvalResult(
-                task_type="image-classification",
-                task_name="Image Classification",
+                task_type=ctx.task,
+                task_name="Image Feature Extraction" if features else "Image Classification",
                 dataset_type=dataset_id or ctx.dataset,
                 dataset_name=ctx.dataset,
                 metric_type="accuracy",
-                metric_name="Top-1 accuracy",
+                metric_name="k-NN top-1 accuracy (k=20)" if features else "Top-1 accuracy",
                 metric_value=float(acc),
             )
         ]
@@ -367,7 +369,7 @@ def _card_data(ctx: CardContext, teachers_hub: list[str], dataset_id: str | None
         datasets=[dataset_id] if dataset_id else None,
         license=license_,
         tags=tags,
-        pipeline_tag="image-classification",
+        pipeline_tag=ctx.task,
         model_name=model_name if eval_results else None,
         eval_results=eval_results,
         **extra,
@@ -391,6 +393,16 @@ def _results(ctx: CardContext, teacher_label: str) -> tuple[list, list, list]:
         rows.append((f"Exit {int(k[4:-9])} (early-exit classifier)", _fmt_acc(m.pop(k))))
     if "ensemble_accuracy" in m:
         rows.append(("Ensemble of all exits", _fmt_acc(m.pop("ensemble_accuracy"))))
+    if "knn_accuracy" in m:
+        rows.append((f"**Student** (`{ctx.student_name}`), k-NN top-1 (k=20) of its features",
+                     f"**{_fmt_acc(m.pop('knn_accuracy'))}**"))
+    for k in sorted(k for k in m if k.startswith("teacher_knn_accuracy")):
+        suffix = k[len("teacher_knn_accuracy"):].lstrip("_")
+        rows.append((f"{teacher_label if not suffix else f'Teacher `{suffix}`'}, k-NN top-1 of its features",
+                     _fmt_acc(m.pop(k))))
+    for k in sorted(k for k in m if k.startswith("feature_cosine")):
+        what = k[len("feature_cosine"):].lstrip("_").replace("_", " ") or "all teachers and targets"
+        rows.append((f"Cosine to the teacher's features ({what})", f"{float(m.pop(k)):.4f}"))
     teacher = ctx.metrics.get("teacher_accuracy")
     if isinstance(student, (int, float)) and isinstance(teacher, (int, float)):
         gap = (float(student) - float(teacher)) * (100 if 0 <= student <= 1 and 0 <= teacher <= 1 else 1)
@@ -436,6 +448,8 @@ def _usage(ctx: CardContext) -> tuple[str, str, str, str]:
     """(intro, code, extra intro, extra code) for the student's library."""
     repo = ctx.repo_id
     mode = "L" if ctx.in_chans == 1 else "RGB"
+    if ctx.task != "image-classification" and ctx.library_name in ("timm", "transformers"):
+        return _feature_usage(ctx, repo, mode)
     if ctx.library_name == "timm":
         ref = f"hf-hub:{repo}" if repo else "local-dir:/path/to/this/folder"
         intro = ("Load the student with [timm](https://github.com/huggingface/pytorch-image-models)"
@@ -496,6 +510,39 @@ model.eval()
 with torch.no_grad():
     logits = model(torch.randn(1, {ctx.in_chans}, {size[0]}, {size[1]}))"""
     return intro, code, "", ""
+
+
+def _feature_usage(ctx: CardContext, repo: str | None, mode: str) -> tuple[str, str, str, str]:
+    """Usage of a feature-distilled backbone: its embedding and its feature map."""
+    if ctx.library_name == "timm":
+        ref = f"hf-hub:{repo}" if repo else "local-dir:/path/to/this/folder"
+        code = f"""import timm
+import torch
+from PIL import Image
+
+model = timm.create_model("{ref}", pretrained=True).eval()  # a backbone: no classifier
+config = timm.data.resolve_model_data_config(model)
+transform = timm.data.create_transform(**config, is_training=False)
+
+x = transform(Image.open("image.jpg").convert("{mode}")).unsqueeze(0)
+with torch.no_grad():
+    feature_map = model.forward_features(x)                  # spatial features
+    embedding = model.forward_head(feature_map, pre_logits=True)  # one vector per image
+print(embedding.shape, feature_map.shape)"""
+        return "Load the student backbone with timm:", code, "", ""
+    ref = repo or "/path/to/this/folder"
+    code = f"""import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+
+processor = AutoImageProcessor.from_pretrained("{ref}")
+model = AutoModel.from_pretrained("{ref}").eval()  # the student backbone
+
+inputs = processor(images=Image.open("image.jpg").convert("{mode}"), return_tensors="pt")
+with torch.no_grad():
+    features = model(**inputs).last_hidden_state
+print(features.shape)"""
+    return "Load the student backbone with 🤗 Transformers:", code, "", ""
 
 
 def build_model_card(ctx: CardContext) -> ModelCard:

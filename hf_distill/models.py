@@ -437,9 +437,10 @@ def load_model(
     cache_dir: str | None = None,
     token: str | bool | None = None,
     label_names: Sequence[str] | None = None,
+    backbone: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
-    """Load an image classifier from timm or transformers.
+    """Load an image classifier (or, with ``backbone=True``, a feature backbone) from timm or transformers.
 
     ``name_or_path`` may be:
 
@@ -451,10 +452,15 @@ def load_model(
       gives a freshly initialised model of that architecture.
 
     ``pretrained=False`` builds the architecture with random weights whatever the source (the
-    config is still read). ``num_labels`` replaces the classification head when it differs from
+    config is still read). ``backbone=True`` (feature distillation) loads timm models without their
+    classifier (``num_classes=0``) and transformers checkpoints with ``AutoModel`` (``Dinov2Model``,
+    ``CLIPModel``, ``SiglipModel``, ``ViTModel``, ...). ``num_labels`` replaces the classification head when it differs from
     the checkpoint's. Extra ``kwargs`` go to ``timm.create_model`` or ``from_pretrained``.
     """
     name = str(name_or_path)
+    if backbone:
+        num_labels = 0  # timm: no classifier; transformers: the AutoModel class below
+        kwargs["_backbone"] = True
     if name.startswith(("hf-hub:", "local-dir:")):
         model = _load_timm(name, num_labels, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
     elif os.path.isdir(name):
@@ -510,6 +516,7 @@ def _init_description(model: nn.Module, name: str, pretrained: bool) -> str:
 def _load_timm(name: str, num_labels: int | None, pretrained: bool, cache_dir=None, **kwargs) -> nn.Module:
     import timm
 
+    kwargs.pop("_backbone", None)
     if num_labels is not None:
         kwargs["num_classes"] = num_labels
     if cache_dir is not None:
@@ -523,8 +530,11 @@ def _load_timm(name: str, num_labels: int | None, pretrained: bool, cache_dir=No
 
 
 def _load_transformers(name, num_labels, revision, cache_dir, token, pretrained=True, **kwargs) -> nn.Module:
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
+    if kwargs.pop("_backbone", False):
+        return _load_transformers_backbone(name, revision, cache_dir, token, pretrained, AutoModel, AutoConfig,
+                                           AutoImageProcessor, **kwargs)
     local = os.path.isdir(name)
     has_weights = not local or any(
         f.endswith((".safetensors", ".bin")) for f in os.listdir(name)
@@ -554,6 +564,29 @@ def _load_transformers(name, num_labels, revision, cache_dir, token, pretrained=
         model.hf_distill_image_processor = AutoImageProcessor.from_pretrained(name, **hub_kw)
     except (OSError, ValueError):
         pass  # no processor saved: the spec falls back to the config's defaults
+    return model
+
+
+def _load_transformers_backbone(name, revision, cache_dir, token, pretrained, auto_model, auto_config,
+                                auto_processor, **kwargs) -> nn.Module:
+    """A transformers checkpoint as its base model (``AutoModel``): the backbone feature distillation reads."""
+    hub_kw = {"revision": revision, "cache_dir": cache_dir, "token": token}
+    local = os.path.isdir(name)
+    has_weights = not local or any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name))
+    try:
+        if has_weights and pretrained:
+            model = auto_model.from_pretrained(name, **hub_kw, **kwargs)
+        else:
+            model = auto_model.from_config(auto_config.from_pretrained(name, **hub_kw), **kwargs)
+            model.hf_distill_init = "random initialisation"
+    except OSError as err:
+        if _is_offline_error(err):
+            raise ModelLoadError(_offline_message(name, revision)) from err
+        raise
+    try:
+        model.hf_distill_image_processor = auto_processor.from_pretrained(name, **hub_kw)
+    except (OSError, ValueError):
+        pass
     return model
 
 

@@ -83,8 +83,10 @@ class Teachers(nn.Module):
                 for i, (t, a) in enumerate(zip(self.models, self.adapters))]
 
     def prepare_input(self, i: int, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Teacher ``i``'s input for a student batch: adapted, in the teacher's dtype."""
-        return self.adapters[i](pixel_values).to(_dtype_of(self.models[i]))
+        """Teacher ``i``'s input for a student batch: adapted, on the teacher's device, in its dtype."""
+        weight = next(self.models[i].parameters(), None)
+        device = weight.device if weight is not None else pixel_values.device
+        return self.adapters[i](pixel_values.to(device)).to(_dtype_of(self.models[i]))
 
     def pop_features(self) -> dict[str, torch.Tensor]:
         """The first teacher's tapped features from the last forward (then forgotten)."""
@@ -101,9 +103,21 @@ class Teachers(nn.Module):
         return len(self.models)
 
     @torch.no_grad()
+    def backbone_features(self, pixel_values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each teacher's (summary, spatial) backbone features (float32) on a student batch."""
+        from .features import backbone_features
+
+        outs = []
+        for i, teacher in enumerate(self.models):
+            summary, spatial = backbone_features(teacher, self.prepare_input(i, pixel_values))
+            outs.append((summary.float().to(pixel_values.device), spatial.float().to(pixel_values.device)))
+        return outs
+
+    @torch.no_grad()
     def features_only(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """The first teacher's tapped features, running it only as far as the deepest tapped layer."""
-        return self._taps.run_until_complete(call_model, self.models[0], self.prepare_input(0, pixel_values))
+        features = self._taps.run_until_complete(call_model, self.models[0], self.prepare_input(0, pixel_values))
+        return {k: v.to(pixel_values.device) for k, v in features.items()}
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, which: Sequence[int] | None = None) -> list[torch.Tensor]:
@@ -116,9 +130,9 @@ class Teachers(nn.Module):
         for i, teacher in enumerate(self.models):
             if which is not None and i not in which:
                 continue
-            outs.append(call_model(teacher, self.prepare_input(i, pixel_values)).float())
+            outs.append(call_model(teacher, self.prepare_input(i, pixel_values)).float().to(pixel_values.device))
             if i == 0 and self._taps is not None:
-                self._features = self._taps.pop()
+                self._features = {k: v.to(pixel_values.device) for k, v in self._taps.pop().items()}
         if self._taps is not None and which is not None and 0 not in which:
             self._features = self.features_only(pixel_values)
         return outs

@@ -34,7 +34,8 @@ from .models import (
     save_native,
     short_name,
 )
-from .taps import FeatureTaps, probe_features
+from .features import backbone_features, export_backbone, feature_shapes, knn_accuracy
+from .taps import FeatureTaps, default_call, probe_features
 from .teacher import Teachers, check_label_spaces
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,11 @@ class DistillationModel(nn.Module):
         if weight is not None and weight.is_floating_point() and pixel_values.dtype != weight.dtype:
             pixel_values = pixel_values.to(weight.dtype)  # --bf16_full_eval / --fp16_full_eval cast the student
         heads = {}
+        if self._method.student_output == "features":  # backbone features, no class logits
+            summary, spatial = backbone_features(self.student, pixel_values)
+            features = {"summary": summary, "spatial": spatial}
+            extra = self._method.forward_modules(self.extras, features) if len(self.extras) else {}
+            return {"logits": None, "features": features, "extra": extra, "heads": heads}
         if features_only and self._taps is not None:
             logits, features = None, self._taps.run_until_complete(call_model, self.student, pixel_values)
         else:
@@ -161,6 +167,16 @@ def teacher_metrics(student_logits: np.ndarray, teacher_logits: np.ndarray, labe
     return metrics
 
 
+def feature_metrics(eval_pred, names: Sequence[str]) -> dict[str, float]:
+    """Means of per-sample values (one column per name), and ``feature_cosine``: the mean of the cosines."""
+    values = _concat(eval_pred.predictions)
+    metrics = {name: float(values[:, i].mean()) for i, name in enumerate(names)}
+    cosines = [v for k, v in metrics.items() if k.startswith("feature_cosine_")]
+    if cosines:
+        metrics["feature_cosine"] = float(np.mean(cosines))
+    return metrics
+
+
 def accuracy_metrics(eval_pred, names: Sequence[str] = ()) -> dict[str, float]:
     """Default ``compute_metrics``: top-1 accuracy of the student (and of named extra outputs)."""
     preds = eval_pred.predictions
@@ -185,6 +201,9 @@ class DistillationTrainer(Trainer):
         teacher_model: a teacher module (or a list of them). ``None`` loads
             ``args.teacher_model_name_or_path``.
         args: :class:`DistillationTrainingArguments`.
+        knn_train_dataset: feature distillation: a labelled dataset whose student (and teacher) summary
+            features are the k-NN classifier's memory, to report ``eval_knn_accuracy`` on a labelled
+            evaluation set (DINO's weighted k-NN, k = 20, cosine).
         Everything else is passed to ``transformers.Trainer``. ``data_collator`` defaults to
         stacking ``pixel_values``/``labels`` and ``compute_metrics`` to accuracy.
     """
@@ -201,6 +220,7 @@ class DistillationTrainer(Trainer):
         compute_metrics=None,
         callbacks=None,
         optimizers=(None, None),
+        knn_train_dataset=None,
         **kwargs,
     ):
         if args is None:
@@ -225,8 +245,11 @@ class DistillationTrainer(Trainer):
                 "teacher_model_name_or_path"
             )
         self.teacher_cache = self._check_teacher_cache(args, teachers, train_dataset)
-        check_label_spaces(student, teachers)
+        if self.method.student_output == "logits":  # feature distillation has no label space
+            check_label_spaces(student, teachers)
         self.mixer, train_dataset = self._mixing(args, student, teachers, train_dataset)
+        self.knn_train_dataset = knn_train_dataset
+        self._teacher_knn: dict[tuple, dict[str, float]] = {}
         self.student_spec = input_spec(student)
         self.method.setup(student, teachers)
         self.teachers = Teachers(teachers, self.student_spec, self.method.teacher_layers())
@@ -260,7 +283,7 @@ class DistillationTrainer(Trainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            compute_metrics=compute_metrics or (lambda p: accuracy_metrics(p, self._eval_output_names)),
+            compute_metrics=compute_metrics or self._default_metrics,
             callbacks=callbacks,
             optimizers=optimizers,
             **kwargs,
@@ -276,7 +299,7 @@ class DistillationTrainer(Trainer):
         self.label_names = ["labels"]
         # compute_loss returns a per-batch mean, so the Trainer scales it for accumulation.
         self.model_accepts_loss_kwargs = False
-        self.teachers.to(device=self.args.device, dtype=self._teacher_dtype())
+        self.teachers.to(device=args.teacher_device or self.args.device, dtype=self._teacher_dtype())
 
     def _check_teacher_cache(self, args, teachers, train_dataset):
         """The teacher-output cache named by ``teacher_cache_dir``, checked now rather than at the first step."""
@@ -284,9 +307,10 @@ class DistillationTrainer(Trainer):
             return None
         from .teacher_cache import TeacherCacheDataset, load_teacher_cache
 
-        if self.method.teacher_layers():
+        if self.method.teacher_layers() or self.method.teacher_output != "logits":
             raise ValueError(f"distill_method='{args.distill_method}' needs teacher features, which a teacher-output "
-                             "cache does not hold: drop teacher_cache_dir or use a logit method (kd, noisy_teacher)")
+                             "cache does not hold (it stores logits): drop teacher_cache_dir, or use a logit method "
+                             "(kd, dkd, dist, noisy_teacher, function_matching)")
         if not self.method.uses_teacher:
             raise ValueError(f"distill_method='{args.distill_method}' uses no teacher outputs: drop teacher_cache_dir")
         if args.teacher_ensemble == "random":
@@ -372,12 +396,17 @@ class DistillationTrainer(Trainer):
         return [load_model(name, revision=args.teacher_revision) for name in args.teacher_names]
 
     def _probe(self, student: nn.Module) -> dict:
-        """Shapes and layouts of the tapped layers, from one dry forward of each model."""
+        """Shapes and layouts of the tapped layers (or the backbone features' widths), from one dry forward of
+        each model."""
         s_layers, t_layers = self.method.student_layers(), self.method.teacher_layers()
-        if not (s_layers or t_layers):
-            return {}
         spec = self.student_spec
         example = torch.zeros(2, spec.in_chans, *spec.image_size)
+        if self.method.student_output == "features":
+            return {"student_features": feature_shapes(student, example)[:2],
+                    "teacher_features": [feature_shapes(t, self.teachers.prepare_input(i, example))[:2]
+                                         for i, t in enumerate(self.teachers.models)]}
+        if not (s_layers or t_layers):
+            return {}
         probe = {"student": probe_features(student, s_layers, example), "teacher": {}}
         if t_layers and len(self.teachers):
             teacher, adapter = self.teachers.models[0], self.teachers.adapters[0]
@@ -452,6 +481,14 @@ class DistillationTrainer(Trainer):
             return self._perturb(outs), features
         return (outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)), features
 
+    def teacher_feature_maps(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every teacher's backbone features on a student batch, without autograd: ``{"<key>/summary",
+        "<key>/spatial"}`` (keys as the method names the teachers)."""
+        with self.accelerator.autocast():
+            outs = self.teachers.backbone_features(pixel_values)
+        return {f"{key}/{name}": value for key, (summary, spatial) in zip(self.method.keys, outs)
+                for name, value in (("summary", summary), ("spatial", spatial))}
+
     def _perturb(self, outs: list[torch.Tensor]) -> torch.Tensor:
         """Noisy-teacher perturbation of each teacher's logits (training only), then their mean."""
         outs = [perturb_logits(z, self.args.teacher_noise_std, self.args.teacher_noise_prob) for z in outs]
@@ -475,7 +512,9 @@ class DistillationTrainer(Trainer):
         else:
             out = model(pixel_values=pixel_values)
         cached = inputs.get("teacher_logits")
-        if cached is not None and model.training and self.method.uses_teacher and not self.method.teacher_layers():
+        if self.method.teacher_output == "features":
+            teacher_logits, teacher_features = None, self.teacher_feature_maps(pixel_values)
+        elif cached is not None and model.training and self.method.uses_teacher and not self.method.teacher_layers():
             # soft labels read from a teacher-output cache: the teacher does not run at all
             teacher_logits, teacher_features = self._perturb([cached.float()]), {}
         else:
@@ -540,6 +579,8 @@ class DistillationTrainer(Trainer):
         labels = inputs.get("labels")
         with torch.no_grad(), self.autocast_smart_context_manager():
             out = model(pixel_values=inputs["pixel_values"])
+        if self.method.student_output == "features":
+            return self._feature_prediction_step(out, inputs["pixel_values"], labels, prediction_loss_only)
         logits = out["logits"].float()
         loss = F.cross_entropy(logits, labels).detach() if labels is not None else None
         if prediction_loss_only:
@@ -551,6 +592,23 @@ class DistillationTrainer(Trainer):
             self._eval_output_names = list(extra)
             return loss, (logits.detach(), *(v.detach() for v in extra.values())), labels
         return loss, logits.detach(), labels
+
+    def _feature_prediction_step(self, out, pixel_values, labels, prediction_loss_only):
+        """Methods without class logits: the predictions are per-sample values (cosine to each teacher, ...)."""
+        if prediction_loss_only or not len(self.teachers):
+            return None, None, None
+        with torch.no_grad():
+            step = StepOutputs(student_logits=None, labels=labels, student_features=out["features"],
+                               teacher_features=self.teacher_feature_maps(pixel_values), extra_outputs=out["extra"],
+                               progress=self.progress)
+            values = self.method.eval_values(step)
+        self._eval_output_names = list(values)
+        return None, torch.stack([v.float() for v in values.values()], dim=1), labels
+
+    def _default_metrics(self, eval_pred) -> dict[str, float]:
+        if self.method.student_output == "features":
+            return feature_metrics(eval_pred, self._eval_output_names)
+        return accuracy_metrics(eval_pred, self._eval_output_names)
 
     def _collect_teacher_logits(self, pixel_values: torch.Tensor) -> None:
         key = (*self._eval_teacher_key, len(self._eval_teacher_batches))
@@ -571,7 +629,7 @@ class DistillationTrainer(Trainer):
                         metric_key_prefix="eval"):
         self._sync_buffers()
         loss_only = prediction_loss_only if prediction_loss_only is not None else self.args.prediction_loss_only
-        if len(self.teachers) and self.args.eval_teacher and not loss_only:
+        if len(self.teachers) and self.args.eval_teacher and not loss_only and self.method.teacher_output == "logits":
             self._eval_teacher_key = (id(dataloader.dataset), len(dataloader.dataset))
         self._eval_teacher_batches = []
         try:
@@ -586,7 +644,59 @@ class DistillationTrainer(Trainer):
             for name, value in teacher_metrics(_concat(student), teacher, output.label_ids).items():
                 output.metrics[f"{metric_key_prefix}_{name}"] = value
         self._eval_teacher_batches = []
+        if (self.method.student_output == "features" and output.predictions is not None
+                and f"{metric_key_prefix}_feature_cosine" not in output.metrics):
+            # the Trainer calls compute_metrics only with labels; feature metrics need none
+            from transformers import EvalPrediction
+
+            values = feature_metrics(EvalPrediction(output.predictions, None), self._eval_output_names)
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in values.items()})
+        if self.method.student_output == "features" and self.knn_train_dataset is not None:
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._knn_metrics(dataloader).items()})
         return output
+
+    @torch.no_grad()
+    def _summary_features(self, dataloader, teachers: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Summary features of the student (or of each teacher) over a dataloader, gathered, with the labels."""
+        student_feats, teacher_feats, labels = [], [], []
+        model = self._container
+        for batch in dataloader:
+            batch = self._prepare_inputs(batch)
+            if "labels" not in batch:
+                raise ValueError("k-NN accuracy needs labels in both the k-NN training set and the evaluation set")
+            x = batch["pixel_values"]
+            if teachers:
+                outs = self.teachers.backbone_features(x)
+                teacher_feats.append([self.accelerator.gather_for_metrics(s.float()).cpu() for s, _ in outs])
+            else:
+                with self.autocast_smart_context_manager():
+                    summary, _ = backbone_features(model.student, x.to(next(model.student.parameters()).dtype))
+                student_feats.append([self.accelerator.gather_for_metrics(summary.float()).cpu()])
+            labels.append(self.accelerator.gather_for_metrics(batch["labels"]).cpu())
+        rows = teacher_feats if teachers else student_feats
+        return [torch.cat(column) for column in zip(*rows)], torch.cat(labels)
+
+    def _knn_metrics(self, eval_dataloader) -> dict[str, float]:
+        """DINO's k-NN top-1 of the student's summary features and, once per dataset, of each teacher's."""
+        memory = self.get_eval_dataloader(self.knn_train_dataset)
+        was_training = self._container.training
+        self._container.eval()
+        try:
+            (train_s,), train_y = self._summary_features(memory)
+            (test_s,), test_y = self._summary_features(eval_dataloader)
+            metrics = {"knn_accuracy": knn_accuracy(train_s, train_y, test_s, test_y)}
+            key = (id(self.knn_train_dataset), id(eval_dataloader.dataset), len(eval_dataloader.dataset))
+            if self.args.eval_teacher and len(self.teachers) and key not in self._teacher_knn:
+                train_t, _ = self._summary_features(memory, teachers=True)
+                test_t, _ = self._summary_features(eval_dataloader, teachers=True)
+                names = ["teacher_knn_accuracy"] if len(train_t) == 1 else [
+                    f"teacher_knn_accuracy_{k}" for k in self.method.keys]
+                self._teacher_knn[key] = {n: knn_accuracy(a, train_y, b, test_y)
+                                          for n, a, b in zip(names, train_t, test_t)}
+            metrics.update(self._teacher_knn.get(key, {}))
+        finally:
+            self._container.train(was_training)
+        return metrics
 
     # ------------------------------------------------------------------ saving & resuming
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -598,7 +708,10 @@ class DistillationTrainer(Trainer):
         student_state = None
         if state_dict is not None:
             student_state = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
-        save_native(self.student, output_dir, state_dict=student_state)
+        if self.method.student_output == "features":  # the backbone, without a classifier it never trained
+            save_native(export_backbone(self.student), output_dir)
+        else:
+            save_native(self.student, output_dir, state_dict=student_state)
         self.method.save(self.student, self.extra_modules, output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -689,6 +802,7 @@ class DistillationTrainer(Trainer):
             image_size=tuple(spec.image_size),
             in_chans=spec.in_chans,
             notes={**self.method.card_notes(), **self.card_info.get("notes", {})},
+            task="image-classification" if self.method.student_output == "logits" else "image-feature-extraction",
         )
         for key, value in overrides.items():
             setattr(ctx, key, value)
@@ -700,12 +814,14 @@ class DistillationTrainer(Trainer):
             spec = self.student_spec
             device = next(self.student.parameters()).device
             x = torch.zeros(8, spec.in_chans, *spec.image_size, device=device)
-            timing = {"student_ms_per_image": measure_latency_ms(self.student, x), "batch_size": 8,
+            # a plain forward of each model (classifiers and backbones alike)
+            timing = {"student_ms_per_image": measure_latency_ms(self.student, x, call=default_call), "batch_size": 8,
                       "device": str(device), "image_size": f"{spec.image_size[0]}x{spec.image_size[1]}"}
             if len(self.teachers):
                 # each teacher as training runs it: through its input adapter, in its own dtype
                 timing["teacher_ms_per_image"] = sum(
-                    measure_latency_ms(t, self.teachers.prepare_input(i, x)) for i, t in enumerate(self.teachers.models))
+                    measure_latency_ms(t, self.teachers.prepare_input(i, x), call=default_call)
+                    for i, t in enumerate(self.teachers.models))
             self._timing_cache = timing
         return self._timing_cache
 

@@ -22,6 +22,9 @@ METHODS = {  # run name -> arguments
     # stage 1 only: the student stops after layer1 inside the DDP-wrapped forward
     "fitnets_stage1": {"distill_method": "fitnets", "hint_layers": ["layer1:layer2"], "hint_epochs": 100.0},
     "byot": {"distill_method": "byot"},
+    # label-free feature distillation; standardisation off: its warm-up counts batches, which differ between
+    # 2 processes (one global batch per step) and the 1-process reference (2 micro-batches per step)
+    "feature": {"distill_method": "feature", "feature_standardize_batches": 0},
 }
 
 
@@ -44,7 +47,7 @@ def main(out_path: str, batch: int, accum: int) -> None:
         teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()} if teacher is not None else {}
         student = tiny_timm(seed=1, spec=spec)
         seen = []  # a fingerprint of each training batch this process's student saw
-        student.register_forward_pre_hook(
+        student.conv1.register_forward_pre_hook(  # the first layer: feature methods call forward_features
             lambda m, a: seen.append(round(float(a[0].double().sum()), 4)) if m.training else None)
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                       train_dataset=train, eval_dataset=evaluation)
@@ -56,12 +59,23 @@ def main(out_path: str, batch: int, accum: int) -> None:
         from hf_distill.data import collate_images
 
         full = collate_images([evaluation[i] for i in range(len(evaluation))])
-        with torch.no_grad():
-            preds = wrapped.eval()(pixel_values=full["pixel_values"])["logits"].argmax(-1)
-        local_accuracy = (preds == full["labels"]).float().mean().item()
+        local_accuracy = None
+        if extra["distill_method"] == "feature":  # the mean cosine to the teacher, computed here on everything
+            from hf_distill.methods import StepOutputs
+
+            with torch.no_grad():
+                out = wrapped.eval()(pixel_values=full["pixel_values"])
+                step = StepOutputs(student_logits=None, labels=None, extra_outputs=out["extra"],
+                                   teacher_features=trainer.teacher_feature_maps(full["pixel_values"]))
+                values = trainer.method.eval_values(step)
+            local_accuracy = float(sum(v.mean() for v in values.values()) / len(values))
+        else:
+            with torch.no_grad():
+                preds = wrapped.eval()(pixel_values=full["pixel_values"])["logits"].argmax(-1)
+            local_accuracy = (preds == full["labels"]).float().mean().item()
         results[method] = {
             "params": {k: v.detach().clone() for k, v in wrapped.named_parameters()},
-            "metrics": {k: v for k, v in metrics.items() if k.endswith("accuracy")},
+            "metrics": {k: v for k, v in metrics.items() if k.endswith(("accuracy", "feature_cosine"))},
             "local_accuracy": local_accuracy,
             "eval_samples": len(evaluation),
             "world": trainer.accelerator.num_processes,

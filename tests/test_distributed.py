@@ -54,7 +54,7 @@ def runs(tmp_path_factory):
             torch.load(f"{two}.rank1", weights_only=False))
 
 
-@pytest.mark.parametrize("method", ["kd", "fitnets", "fitnets_stage1", "byot"])
+@pytest.mark.parametrize("method", ["kd", "fitnets", "fitnets_stage1", "byot", "feature"])
 def test_two_processes_match_one_process(runs, method):
     two, one, _, rank1 = runs
     assert two[method]["world"] == 2 and one[method]["world"] == 1
@@ -68,12 +68,15 @@ def test_two_processes_match_one_process(runs, method):
     a, b = two[method]["params"], one[method]["params"]
     assert a.keys() == b.keys()
     extras = [k for k in a if k.startswith("extras.")]
-    assert (method == "kd") == (not extras)  # regressors / exits are part of what DDP syncs
+    assert (method == "kd") == (not extras)  # regressors / exits / adaptors are part of what DDP syncs
     moved = 0
     for k in a:
         assert torch.allclose(a[k], b[k], atol=TOL, rtol=0), f"{method}: {k} differs by {(a[k] - b[k]).abs().max()}"
         moved += 1
     assert moved
+    if method == "feature":  # no class logits: the cosine to the teacher, gathered over both processes
+        assert two[method]["metrics"]["eval_feature_cosine"] == pytest.approx(two[method]["local_accuracy"], abs=1e-5)
+        return
     # evaluation gathers over processes without duplicating or dropping samples (37 images, 2 processes):
     # the distributed accuracy equals the same weights evaluated in one process
     assert two[method]["metrics"]["eval_accuracy"] == pytest.approx(two[method]["local_accuracy"])

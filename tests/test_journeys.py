@@ -234,3 +234,25 @@ def test_bad_input_is_one_line_and_loses_nothing(ws, case):
     assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr
     assert "Traceback" not in proc.stderr and len(lines) <= 3, proc.stderr
     assert digest(ws / TEACHER) == before  # nothing on disk was lost
+
+
+def test_feature_distillation_on_a_folder_without_labels(ws):
+    """Label-free: a flat folder of images (no class sub-folders, so no label column) and the demo's teacher."""
+    from hf_distill import load_model
+    from hf_distill.data import digits_dataset
+
+    root = ws / "unlabelled_images"
+    root.mkdir(exist_ok=True)
+    for i, image in enumerate(digits_dataset()["train"].select(range(120))["image"]):
+        image.resize((24, 24)).save(root / f"{i:04d}.png")
+    out = ws / "outputs" / "features"
+    proc = ok(run(["--distill_method", "feature", "--student_model_name_or_path", "resnet10t", "--no_student_pretrained",
+                   "--in_chans", "1", "--image_size", "32", "--teacher_model_name_or_path", TEACHER,
+                   "--dataset_name", "unlabelled_images", "--max_steps", "3", "--output_dir", str(out),
+                   "--report_to", "none", "--use_cpu", "--logging_steps", "1"], ws))
+    logs = logged(proc.stdout)
+    assert any("loss_summary_teacher" in h and "loss_spatial_teacher" in h for h in logs)
+    assert any("eval_feature_cosine" in h for h in logs)
+    backbone = load_model(str(out), backbone=True)
+    assert backbone.num_classes == 0
+    assert "image-feature-extraction" in (out / "README.md").read_text()

@@ -6,6 +6,7 @@ from .base import DistillationMethod, Progress, StepOutputs
 from .byot import BeYourOwnTeacher
 from .dist import DIST
 from .dkd import DecoupledKD
+from .feature import FeatureDistillation
 from .fitnets import FitNets
 from .sftn import SFTN
 from .kd import FunctionMatching, KnowledgeDistillation, NoisyTeacher, Supervised
@@ -16,6 +17,7 @@ METHODS: dict[str, type[DistillationMethod]] = {
         KnowledgeDistillation,
         DecoupledKD,
         DIST,
+        FeatureDistillation,
         FitNets,
         BeYourOwnTeacher,
         NoisyTeacher,

@@ -76,6 +76,10 @@ class DistillationMethod:
     standardizes_logits: ClassVar[bool] = True  # logit_standardization reaches its KL teacher term
     mixes: ClassVar[bool] = True  # trains on mixup/CutMix batches (soft labels); False: ``no_mixing`` says why
     no_mixing: ClassVar[str] = ""
+    # what the models give the loss: class logits, or backbone features (summary vector + spatial map,
+    # hf_distill.features.backbone_features); with "features", the method's eval_values are the metrics
+    student_output: ClassVar[str] = "logits"
+    teacher_output: ClassVar[str] = "logits"
 
     def __init__(self, args):
         self.args = args
@@ -142,6 +146,10 @@ class DistillationMethod:
 
     def log_values(self, progress: Progress) -> dict[str, float]:
         """Scalars worth logging besides the loss terms (current weights of schedules)."""
+        return {}
+
+    def eval_values(self, out: StepOutputs) -> dict[str, torch.Tensor]:
+        """Per-sample values averaged into evaluation metrics, for methods without class logits."""
         return {}
 
     def eval_logits(self, out: dict) -> dict[str, torch.Tensor]:

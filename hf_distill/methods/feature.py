@@ -1,0 +1,182 @@
+"""Label-free feature distillation from foundation-model teachers (RADIO-style). See docs/methods.md.
+
+The student's backbone features (:func:`hf_distill.features.backbone_features`: a summary vector
+and a spatial map) go through one trainable adaptor per teacher and target; each prediction is
+compared with that teacher's feature, standardised per channel with statistics from the first
+batches so that no teacher dominates:
+
+    summary:  1 - cos(a(s), t)
+    spatial:  the student's map resized to the teacher's grid, then per location
+              0.9 * (1 - cos) + 0.1 * smooth_L1, averaged over locations
+    L = sum over teachers w_t * (feature_summary_weight * summary + feature_spatial_weight * spatial)
+
+No labels are used anywhere; evaluation reports the cosine to each teacher and, with a labelled
+split, DINO's k-NN accuracy of student and teachers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..features import (
+    FeatureAdaptor,
+    RunningStandardizer,
+    per_sample_cosine,
+    spatial_loss,
+    summary_loss,
+    targets_of,
+)
+from .base import DistillationMethod, StepOutputs
+
+
+@dataclass
+class FeatureArguments:
+    feature_targets: Optional[list[str]] = field(
+        default=None, metadata={"help": "feature: which teacher features to learn, `summary` (class token / pooled "
+                                        "output) and/or `spatial` (patch tokens on their grid, or a CNN map). "
+                                        "Default: both."})
+    feature_teacher_weights: Optional[list[float]] = field(
+        default=None, metadata={"help": "feature: one weight per teacher (default 1 each)."})
+    feature_summary_weight: float = field(default=1.0, metadata={"help": "feature: weight of the summary terms (1)."})
+    feature_spatial_weight: float = field(default=1.0, metadata={"help": "feature: weight of the spatial terms (1)."})
+    feature_standardize_batches: int = field(
+        default=10, metadata={"help": "feature: each teacher's features are standardised per channel with a mean and "
+                                      "std estimated on the first N training batches, then fixed and kept in "
+                                      "checkpoints (10; 0 turns standardisation off)."})
+    feature_adaptor_mult: int = field(
+        default=4, metadata={"help": "feature: hidden width of each adaptor MLP, as a multiple of the student's "
+                                     "feature width (4)."})
+    feature_export_adaptors: bool = field(
+        default=False, metadata={"help": "feature: save_model also writes the adaptors and the standardisation, so "
+                                         "hf_distill.features.FeatureStudent.from_pretrained(OUT) gives features in "
+                                         "each teacher's space. Default: the student backbone only."})
+
+
+def teacher_keys(names: list[str]) -> list[str]:
+    """Short, unique names for the teachers in logged terms (``loss_summary_<key>``)."""
+    keys = []
+    for i, name in enumerate(names):
+        key = re.sub(r"[^a-z0-9]+", "-", name.lower().split("/")[-1]).strip("-") or f"teacher{i}"
+        keys.append(key if key not in keys and names.count(name) == 1 else f"{key}-{i}")
+    return keys
+
+
+class FeatureDistillation(DistillationMethod):
+    name = "feature"
+    arguments = FeatureArguments
+    student_output = "features"
+    teacher_output = "features"
+    uses_alpha = False
+    alpha_instead = "its terms are weighed by feature_summary_weight, feature_spatial_weight and " \
+                    "feature_teacher_weights"
+    standardizes_logits = False
+    paper = ("AM-RADIO: Agglomerative Vision Foundation Model - Reduce All Domains Into One (Ranzinger et al., "
+             "CVPR 2024)", "https://arxiv.org/abs/2312.06709")
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.targets = targets_of(args.feature_targets) if args.distill_method == self.name else []
+        self.keys: list[str] = []
+
+    @classmethod
+    def validate(cls, args) -> None:
+        if args.distill_method != cls.name:
+            return
+        targets_of(args.feature_targets)
+        if min(args.feature_summary_weight, args.feature_spatial_weight) < 0 or args.feature_standardize_batches < 0:
+            raise ValueError("feature_summary_weight, feature_spatial_weight and feature_standardize_batches must be "
+                             ">= 0")
+        if args.feature_teacher_weights is not None and len(args.feature_teacher_weights) != len(args.teacher_names) \
+                and args.teacher_names:
+            raise ValueError(f"feature_teacher_weights has {len(args.feature_teacher_weights)} values for "
+                             f"{len(args.teacher_names)} teachers")
+        if args.distill_loss != "kl" or args.teacher_noise_std:
+            raise ValueError("distill_method='feature' learns features: distill_loss and teacher noise do not apply")
+
+    def labels_needed(self) -> bool:
+        return False
+
+    def setup(self, student, teachers) -> None:
+        from ..models import display_name
+
+        self.keys = teacher_keys([display_name(t) for t in teachers])
+        weights = self.args.feature_teacher_weights
+        if weights is not None and len(weights) != len(teachers):
+            raise ValueError(f"feature_teacher_weights has {len(weights)} values for {len(teachers)} teachers")
+        self.weights = list(weights) if weights is not None else [1.0] * len(teachers)
+
+    def build_modules(self, student, teachers, probe):
+        """One adaptor per teacher and target, built from the widths the probe found, and the standardisers."""
+        modules = nn.ModuleDict()
+        s_summary, s_spatial = probe["student_features"]
+        mult, warmup = self.args.feature_adaptor_mult, self.args.feature_standardize_batches
+        for key, (t_summary, t_spatial) in zip(self.keys, probe["teacher_features"]):
+            widths = {"summary": (s_summary, t_summary), "spatial": (s_spatial, t_spatial)}
+            for target in self.targets:
+                modules[f"{key}/{target}"] = FeatureAdaptor(*widths[target], mult)
+                if warmup:
+                    modules[f"{key}/{target}_stats"] = RunningStandardizer(widths[target][1], warmup)
+        # the standardisers are extra modules (checkpointed, synced from rank 0 by DDP); the loss uses them directly
+        self._stats = {name[:-len("_stats")]: m for name, m in modules.items() if name.endswith("_stats")}
+        return modules
+
+    def forward_modules(self, modules, features):
+        # adaptors run inside the wrapped forward, so data parallel syncs their gradients
+        return {f"{key}/{target}": modules[f"{key}/{target}"](features[target])
+                for key in self.keys for target in self.targets}
+
+    def _target(self, out: StepOutputs, name: str, update: bool) -> torch.Tensor:
+        """A teacher feature, standardised per channel (the statistics still learning on the first batches)."""
+        t = out.teacher_features[name].float()
+        stats = getattr(self, "_stats", {}).get(name)
+        if stats is None:
+            return t
+        if update:
+            stats.update(t)
+        return stats.standardize(t)
+
+    def loss(self, out: StepOutputs):
+        total, terms = 0.0, {}
+        for key, weight in zip(self.keys, self.weights):
+            for target in self.targets:
+                name = f"{key}/{target}"
+                pred, t = out.extra_outputs[name], self._target(out, name, update=True)
+                if target == "summary":
+                    value = summary_loss(pred, t)
+                    total = total + weight * self.args.feature_summary_weight * value
+                else:
+                    value = spatial_loss(pred, t)
+                    total = total + weight * self.args.feature_spatial_weight * value
+                terms[f"loss_{target}_{key}"] = value.detach()
+        return total, terms
+
+    def eval_values(self, out: StepOutputs) -> dict[str, torch.Tensor]:
+        """Per-sample cosine of each adapted student feature with its (standardised) teacher feature."""
+        return {f"feature_cosine_{target}_{key}": per_sample_cosine(out.extra_outputs[f"{key}/{target}"],
+                                                                     self._target(out, f"{key}/{target}", False))
+                for key in self.keys for target in self.targets}
+
+    def save(self, student, extras, output_dir) -> None:
+        if self.args.feature_export_adaptors:
+            from ..features import save_adaptors
+
+            save_adaptors(extras, self.keys, self.targets, output_dir)
+
+    def card_notes(self) -> dict[str, str]:
+        return {"Feature distillation": f"the student reproduces the {' and '.join(self.targets)} features of "
+                + ", ".join(f"`{k}`" for k in self.keys) + " through trained adaptors, without labels; the exported "
+                "model is the student backbone" + (" (adaptors exported too)" if self.args.feature_export_adaptors
+                                                   else "")}
+
+    def hyperparameters(self):
+        a = self.args
+        return {"feature_targets": self.targets, "teachers": self.keys, "feature_teacher_weights": self.weights,
+                "feature_summary_weight": a.feature_summary_weight, "feature_spatial_weight": a.feature_spatial_weight,
+                "feature_standardize_batches": a.feature_standardize_batches,
+                "feature_adaptor_mult": a.feature_adaptor_mult, "losses": "summary 1 - cos; spatial 0.9 (1 - cos) + "
+                "0.1 smooth L1 on the teacher's grid"}
