@@ -102,9 +102,16 @@ SUBSET, EPOCHS, BATCH, LR, WD = 5000, 100, 128, 2e-3, 0.05
 C1, C2 = 16, 32
 EVAL_EVERY_EPOCHS = 10
 CACHE_SEED = 0
-CACHE_DIR = CACHE_ROOT / "teacher_caches" / f"{NAME}_{TEACHER}_n{SUBSET}_e{EPOCHS}_b{BATCH}_mixup1_s{CACHE_SEED}"
+SHORT_CACHE_EPOCHS = 10
 CONFIGS = ["supervised", "supervised_mixup", "kd_t1", "kd_t4", "mix_clean_own", "mix_clean_mixed", "fm_live",
-           "fm_cache"]
+           "fm_cache", "fm_cache_e10"]
+
+
+def cache_dir(epochs: int | None = None) -> Path:
+    epochs = EPOCHS if epochs is None else epochs
+    return CACHE_ROOT / "teacher_caches" / f"{NAME}_{TEACHER}_n{SUBSET}_e{epochs}_b{BATCH}_mixup1_s{CACHE_SEED}"
+
+
 LABELS = {
     "supervised": "(a) labels only",
     "supervised_mixup": "(a') labels only + mixup",
@@ -113,7 +120,8 @@ LABELS = {
     "mix_clean_own": "(c) mixup, teacher on the clean image: target teacher(x_i)",
     "mix_clean_mixed": "(c') mixup, teacher on the clean images: target mix(teacher(x_i), teacher(x_j))",
     "fm_live": "(d) function matching, live teacher",
-    "fm_cache": "(e) function matching, mixed cache (data_seed 0)",
+    "fm_cache": "(e) function matching, mixed cache of all 100 epochs (data_seed 0)",
+    "fm_cache_e10": "(e') function matching, mixed cache of 10 epochs cycled 10 times (data_seed 0)",
 }
 SETTINGS = {"teacher": TEACHER, "subset": SUBSET, "epochs": EPOCHS, "batch": BATCH, "lr": LR, "weight_decay": WD,
             "student": f"SmallCNN({C1}, {C2})", "schedule": "cosine, 3% warm-up", "mixup": "alpha 1, batch mode",
@@ -231,7 +239,9 @@ def make_args(out: str, method: str, epochs: float, seed: int, data_seed: int | 
         **evals, **kw)
 
 
-def config_args(config: str, seed: int, epochs: float = EPOCHS, eval_every: int = EVAL_EVERY_EPOCHS):
+def config_args(config: str, seed: int, epochs: float | None = None, eval_every: int | None = None):
+    epochs = EPOCHS if epochs is None else epochs
+    eval_every = EVAL_EVERY_EPOCHS if eval_every is None else eval_every
     out = str(RUNS_DIR / f"{config}_s{seed}")
     if config == "supervised":
         return make_args(out, "supervised", epochs, seed, eval_every=eval_every)
@@ -243,9 +253,10 @@ def config_args(config: str, seed: int, epochs: float = EPOCHS, eval_every: int 
         return make_args(out, "kd", epochs, seed, eval_every=eval_every)  # library defaults T 4, alpha 0.9
     if config in ("mix_clean_own", "mix_clean_mixed", "fm_live", "fm_live_pil"):
         return make_args(out, "function_matching", epochs, seed, eval_every=eval_every)
-    if config == "fm_cache":
+    if config in ("fm_cache", "fm_cache_e10"):
+        stored = SHORT_CACHE_EPOCHS if config == "fm_cache_e10" else None
         return make_args(out, "function_matching", epochs, seed, data_seed=CACHE_SEED, eval_every=eval_every,
-                         teacher_cache_dir=str(CACHE_DIR))
+                         teacher_cache_dir=str(cache_dir(stored)))
     raise ValueError(config)
 
 
@@ -254,12 +265,35 @@ class Ctx:
 
     def __init__(self):
         self.xtr, self.ytr, self.xte, self.yte = data(SUBSET)
-        self.teacher = load_teacher()
-        self.train_logits, _ = batched(self.teacher, self.xtr)
-        self.test_logits, _ = batched(self.teacher, self.xte)
         self.test = Items(self.xte, self.yte)
         self.train_clean = Items(self.xtr, self.ytr)
         self._raw = None
+        self._teacher = None
+
+    @staticmethod
+    def teacher_ready() -> bool:
+        return (TEACHER_DIR / "bench_info.json").exists()
+
+    def _load_teacher(self):
+        if self._teacher is None:
+            self._teacher = load_teacher()
+            self._train_logits, _ = batched(self._teacher, self.xtr)
+            self._test_logits, _ = batched(self._teacher, self.xte)
+
+    @property
+    def teacher(self):
+        self._load_teacher()
+        return self._teacher
+
+    @property
+    def train_logits(self):
+        self._load_teacher()
+        return self._train_logits
+
+    @property
+    def test_logits(self):
+        self._load_teacher()
+        return self._test_logits
 
     @property
     def raw(self):
@@ -281,18 +315,18 @@ class Ctx:
             from hf_distill.data import with_image_transform
 
             return with_image_transform(self.raw, SPEC, training=False, augmentation="none")
-        if config == "fm_cache":
+        if config in ("fm_cache", "fm_cache_e10"):
             from hf_distill.teacher_cache import with_teacher_cache
 
-            return with_teacher_cache(self.raw, str(CACHE_DIR), SPEC)
+            return with_teacher_cache(self.raw, args.teacher_cache_dir, SPEC)
         raise ValueError(config)
 
-    def trainer(self, config: str, seed: int, epochs: float = EPOCHS, eval_every: int = EVAL_EVERY_EPOCHS):
+    def trainer(self, config: str, seed: int, epochs: float | None = None, eval_every: int | None = None):
         args = config_args(config, seed, epochs, eval_every)
         teacher = None if config.startswith("supervised") else self.teacher
         trainer = DistillationTrainer(model=small_cnn_student(seed, C1, C2), teacher_model=teacher, args=args,
                                       train_dataset=self.train_data(config, args),
-                                      eval_dataset=self.test if eval_every else None)
+                                      eval_dataset=self.test if args.eval_strategy != "no" else None)
         if config == "mix_clean_mixed":  # the dataset's mixing draws are the trainer's
             ds = trainer.train_dataset
             assert ds.mixer.config == trainer.mixer.config and ds.mixer.seed == trainer.mixer.seed == args.data_seed
@@ -313,17 +347,20 @@ class CallCounter:
 
 def run_one(ctx: Ctx, config: str, seed: int) -> dict:
     trainer = ctx.trainer(config, seed)
-    counter = CallCounter(ctx.teacher)
+    counter = CallCounter(ctx.teacher) if ctx.teacher_ready() else None
     c0, w0 = time.process_time(), time.perf_counter()
     trainer.train()
     train_cpu, train_wall = time.process_time() - c0, time.perf_counter() - w0
-    teacher_calls = counter.n  # includes the periodic test evaluations' single teacher pass (cached after)
+    # includes the periodic test evaluations' one teacher pass over the test set (the trainer keeps its logits)
+    teacher_calls = counter.n if counter is not None else 0
     test = trainer.predict(ctx.test, metric_key_prefix="eval")
     train = trainer.predict(ctx.train_clean, metric_key_prefix="train")
-    counter.handle.remove()
+    if counter is not None:
+        counter.handle.remove()
     student_test, student_train = torch.as_tensor(test.predictions), torch.as_tensor(train.predictions)
-    own_test = teacher_metrics(student_test.numpy(), ctx.test_logits.numpy(), ctx.yte.numpy())
-    own_train = teacher_metrics(student_train.numpy(), ctx.train_logits.numpy(), ctx.ytr.numpy())
+    folder = RUNS_DIR / f"{config}_s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"test": student_test, "train": student_train}, folder / "student_logits.pt")
     hist = trainer.state.log_history
     curve = [{k: h[k] for k in ("epoch", "eval_accuracy", "eval_teacher_agreement", "eval_teacher_kl") if k in h}
              for h in hist if "eval_accuracy" in h]
@@ -333,24 +370,37 @@ def run_one(ctx: Ctx, config: str, seed: int) -> dict:
         "gap": train.metrics["train_accuracy"] - test.metrics["eval_accuracy"],
         "test_metrics": {k: v for k, v in test.metrics.items() if isinstance(v, (int, float))},
         "train_metrics": {k: v for k, v in train.metrics.items() if isinstance(v, (int, float))},
-        "agreement_test": own_test["teacher_agreement"], "kl_test": own_test["teacher_kl"],
-        "agreement_train": own_train["teacher_agreement"], "kl_train": own_train["teacher_kl"],
-        "teacher_accuracy_test": own_test["teacher_accuracy"],
         "train_cpu_s": train_cpu, "train_wall_s": train_wall, "steps": trainer.state.global_step,
         "teacher_forward_calls_in_train": teacher_calls, "data_seed": trainer.args.data_seed,
         "params": count_parameters(trainer.student), "curve": curve, "loss_log": losses,
         # the student's test logits, to compare runs bit for bit (fm_cache vs fm_live, seed 0)
         "test_logits_sha1": __import__("hashlib").sha1(student_test.numpy().tobytes()).hexdigest(),
         "test_logits_first": student_test[:4].tolist(),
+        "student_logits_file": str(folder / "student_logits.pt"),
     }
+    if ctx.teacher_ready():
+        res.update(own_agreement(ctx, student_test, student_train))
     return res
+
+
+def own_agreement(ctx: Ctx, student_test: torch.Tensor, student_train: torch.Tensor) -> dict:
+    """Agreement and KL with the teacher computed here from the stored logits (every configuration, the
+    teacher-less ones too; equal to the trainer's ``eval_teacher_*`` where it reports them)."""
+    t = teacher_metrics(student_test.numpy(), ctx.test_logits.numpy(), ctx.yte.numpy())
+    tr = teacher_metrics(student_train.numpy(), ctx.train_logits.numpy(), ctx.ytr.numpy())
+    return {"agreement_test": t["teacher_agreement"], "kl_test": t["teacher_kl"],
+            "agreement_train": tr["teacher_agreement"], "kl_train": tr["teacher_kl"],
+            "teacher_accuracy_test": t["teacher_accuracy"], "teacher_accuracy_train": tr["teacher_accuracy"]}
 
 
 def cmd_runs(a) -> None:
     sweep = Sweep(NAME, SETTINGS)
     sweep.meta["command"] = " ".join(["python", *sys.argv])
     ctx = Ctx()
-    sweep.extra["teacher"] = teacher_info()
+    if ctx.teacher_ready():
+        sweep.extra["teacher"] = teacher_info()
+    elif any(c not in ("supervised", "supervised_mixup") for c in a.configs):
+        raise SystemExit(f"train the teacher first: python benchmarks/bench_fm.py teacher")
     for seed in a.seeds:
         for config in a.configs:
             if sweep.get(config, seed):
@@ -358,7 +408,22 @@ def cmd_runs(a) -> None:
             res = run_one(ctx, config, seed)
             sweep.add(config, seed, res)
             log.info("   train %.2f%%, agreement %.2f%%, teacher calls in train %d", 100 * res["train_accuracy"],
-                     100 * res["agreement_test"], res["teacher_forward_calls_in_train"])
+                     100 * res.get("agreement_test", float("nan")), res["teacher_forward_calls_in_train"])
+    fill_agreement(sweep, ctx)
+
+
+def fill_agreement(sweep: Sweep, ctx: Ctx) -> None:
+    """Agreement of runs made before the teacher existed (teacher-less configurations), from their saved logits."""
+    if not ctx.teacher_ready():
+        return
+    changed = False
+    for r in sweep.runs:
+        if "agreement_test" not in r:
+            logits = torch.load(r["student_logits_file"])
+            r.update(own_agreement(ctx, logits["test"], logits["train"]))
+            changed = True
+    if changed:
+        sweep.save()
 
 
 # ============================================================================ cache
@@ -370,17 +435,20 @@ def cmd_cache(a) -> None:
     raw = raw_subset()
     args = config_args("fm_live", CACHE_SEED)
     teacher = load_teacher()
+    epochs = a.epochs or EPOCHS
+    folder = cache_dir(epochs)
     c0, w0 = time.process_time(), time.perf_counter()
-    cache = build_teacher_cache(teacher, raw, SPEC, str(CACHE_DIR), epochs=EPOCHS, batch_size=BATCH, seed=CACHE_SEED,
+    cache = build_teacher_cache(teacher, raw, SPEC, str(folder), epochs=epochs, batch_size=BATCH, seed=CACHE_SEED,
                                 mixing=args.mixing, teacher_id=TEACHER, shard_size=10_000)
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-    size = sum(f.stat().st_size for f in CACHE_DIR.iterdir())
-    info = {"dir": str(CACHE_DIR), "entries": len(cache), "epochs": EPOCHS, "batch_size": BATCH, "seed": CACHE_SEED,
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    info = {"dir": str(folder), "entries": len(cache), "epochs": epochs, "batch_size": BATCH, "seed": CACHE_SEED,
             "mixing": args.mixing.to_dict(), "build_cpu_s": cpu, "build_wall_s": wall, "bytes": size}
-    old = sweep.extra.get("cache", {})
+    caches = sweep.extra.setdefault("caches", {})
+    old = caches.get(str(epochs), {})
     if old and cpu < 0.5 * old.get("build_cpu_s", 0):  # a rerun found the cache complete: keep the build's times
         info.update(build_cpu_s=old["build_cpu_s"], build_wall_s=old["build_wall_s"])
-    sweep.extra["cache"] = info
+    caches[str(epochs)] = info
     sweep.save()
     # the pixels the cache replays are those of the tensor data, bit for bit
     ctx_x, _, _, _ = data(SUBSET)
@@ -423,9 +491,10 @@ def cmd_timing(a) -> None:
 # ============================================================================ report
 def cmd_report(a) -> None:
     sweep = Sweep(NAME, SETTINGS)
+    fill_agreement(sweep, Ctx())
     configs = [c for c in CONFIGS if sweep.values(c)]
     t = teacher_info()
-    cache = sweep.extra.get("cache", {})
+    caches = sweep.extra.get("caches", {})
     student_params = count_parameters(small_cnn_student(0, C1, C2))
     L = ["# Function matching on Fashion-MNIST: consistent vs inconsistent mixup teaching, live vs cached teacher",
          "", "Issue 17, \"Measured, in benchmarks\". Script: `benchmarks/bench_fm.py` (its docstring has the exact "
@@ -510,11 +579,12 @@ def cmd_report(a) -> None:
         L += [f"`fm_cache` seed 0 (data_seed 0) against `fm_live` seed 0: final test logits "
               f"{'bit-identical' if same else 'DIFFERENT'} (sha1 of the 10,000 x 10 logits), test accuracy "
               f"{100 * cache0['accuracy']:.2f}% vs {100 * live0['accuracy']:.2f}%.", ""]
-    if cache:
-        L += [f"The cache: {cache['epochs']} epochs x {SUBSET:,} mixed views ({cache['entries']:,} entries, "
-              f"{cache['bytes'] / 2**20:.0f} MiB), built once in {cache['build_cpu_s'] / 60:.1f} min CPU "
-              f"({cache['build_wall_s'] / 60:.1f} min wall), reused by all {len(sweep.values('fm_cache'))} `fm_cache` "
-              "seeds.", ""]
+    for key, cache in sorted(caches.items(), key=lambda kv: -int(kv[0])):
+        config = "fm_cache" if int(key) == EPOCHS else f"fm_cache_e{key}"
+        L += [f"The {key}-epoch cache (`{config}`): {cache['entries']:,} mixed views ({cache['bytes'] / 2**20:.0f} MiB), "
+              f"built once with `build_teacher_cache(..., epochs={key}, batch_size={BATCH}, seed={CACHE_SEED}, "
+              f"mixing=args.mixing)` in {cache['build_cpu_s'] / 60:.1f} min CPU ({cache['build_wall_s'] / 60:.1f} min "
+              f"wall), reused by all {len(sweep.values(config))} `{config}` seeds.", ""]
     tim = sweep.extra.get("timing")
     if tim:
         rows = []
@@ -557,7 +627,8 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("teacher")
     t.add_argument("--force", action="store_true")
-    sub.add_parser("cache")
+    c = sub.add_parser("cache")
+    c.add_argument("--epochs", type=int, default=None, help=f"stored epochs (default {EPOCHS}, the training length)")
     r = sub.add_parser("runs")
     r.add_argument("--configs", nargs="+", choices=CONFIGS, default=CONFIGS)
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

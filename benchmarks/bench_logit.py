@@ -115,7 +115,7 @@ EXPERIMENTS = {
                           "hard_a0.5"]),
     "strong": dict(student="small_cnn", c1=4, c2=8,
                    configs=["alone", *[kd_key(t, a) for t, a in KD_GRID], "dist", "dkd_w2"]),
-    "deit": dict(student="deit", **DEIT, configs=["alone", kd_key(4.0, 0.5), "hard_a0.5", kd_key(4.0, 0.9)]),
+    "deit": dict(student="deit", **DEIT, configs=["alone", kd_key(4.0, 0.5), "hard_a0.5"]),
 }
 # the same data, budget and recipe for every experiment (the FitNets benchmark's)
 COMMON = dict(teacher=TEACHER, train_subset=10000, epochs=20, lr=2e-3, batch=128, weight_decay=0.05,

@@ -245,7 +245,7 @@ def test_feature_distillation_on_a_folder_without_labels(ws):
     root.mkdir(exist_ok=True)
     for i, image in enumerate(digits_dataset()["train"].select(range(120))["image"]):
         image.resize((24, 24)).save(root / f"{i:04d}.png")
-    out = ws / "outputs" / "features"
+    out = ws / "outputs" / "features_folder"
     proc = ok(run(["--distill_method", "feature", "--student_model_name_or_path", "resnet10t", "--no_student_pretrained",
                    "--in_chans", "1", "--image_size", "32", "--teacher_model_name_or_path", TEACHER,
                    "--dataset_name", "unlabelled_images", "--max_steps", "3", "--output_dir", str(out),
