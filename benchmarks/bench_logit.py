@@ -106,13 +106,16 @@ CONFIGS: dict[str, tuple[str, dict, str]] = {
     "kd_ls_T2_a0.9": ("kd", dict(temperature=2.0, alpha=0.9, logit_standardization=True),
                       "KD + logit standardisation, T=2, alpha=0.9"),
     "hard_a0.5": ("kd", dict(distill_loss="hard", alpha=0.5), "hard distillation (teacher argmax), alpha=0.5"),
+    # the paper's CIFAR weighting, CE 0.1 : KD 9, as a convex combination (alpha = 9 / 9.1)
+    "kd_ls_T2_paper": ("kd", dict(temperature=2.0, alpha=9.0 / 9.1, logit_standardization=True),
+                       "KD + logit standardisation, T=2, alpha=9/9.1 (the paper's CE 0.1 : KD 9)"),
 }
 
 DEIT = dict(img_size=28, patch_size=4, embed_dim=64, depth=4, num_heads=2)
 EXPERIMENTS = {
     "main": dict(student="thin_deep",
                  configs=["alone", *[kd_key(t, a) for t, a in KD_GRID], "dkd", "dkd_w2", "dist", "kd_ls_T2_a0.9",
-                          "hard_a0.5"]),
+                          "hard_a0.5", "kd_ls_T2_paper"]),
     "strong": dict(student="small_cnn", c1=4, c2=8,
                    configs=["alone", *[kd_key(t, a) for t, a in KD_GRID], "dist", "dkd_w2"]),
     "deit": dict(student="deit", **DEIT, configs=["alone", kd_key(4.0, 0.5), "hard_a0.5"]),
