@@ -115,6 +115,13 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
             "--bf16/--fp16 on an accelerator and float32 otherwise."
         },
     )
+    teacher_sharding: str = field(
+        default="none",
+        metadata={"help": "`fsdp`: shard each teacher over the processes with PyTorch FSDP2 (fully_shard on its blocks), "
+                  "so each holds about 1/N of its weights; for teachers too large to replicate. Every process runs "
+                  "the teacher's forward at every step. `none` (default): a whole teacher on every process.",
+                  "choices": ["none", "fsdp"]},
+    )
     teacher_device: Optional[str] = field(
         default=None,
         metadata={"help": "Device for the teachers (e.g. `cuda:1`), when a large teacher should not share the "
@@ -176,6 +183,13 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
             raise ValueError("teacher_noise_std must be >= 0 and teacher_noise_prob in [0, 1]")
         if self.teacher_ensemble not in ("mean", "random"):
             raise ValueError(f"teacher_ensemble must be 'mean' or 'random', got '{self.teacher_ensemble}'")
+        if self.teacher_sharding not in ("none", "fsdp"):
+            raise ValueError(f"teacher_sharding must be 'none' or 'fsdp', got '{self.teacher_sharding}'")
+        if self.teacher_sharding == "fsdp" and self.teacher_ensemble == "random":
+            raise ValueError("teacher_ensemble='random' cannot run sharded teachers: a sharded forward is collective, "
+                             "so every process must run the same teachers at every step")
+        if self.teacher_sharding == "fsdp" and self.teacher_device:
+            raise ValueError("teacher_sharding='fsdp' places each shard on its process's device: drop teacher_device")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got '{self.teacher_dtype}'")
         method.validate(self)

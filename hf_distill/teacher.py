@@ -76,6 +76,7 @@ class Teachers(nn.Module):
         # Hint features come from the first teacher (the one a method's layer names refer to).
         self._taps = FeatureTaps(self.models[0], layers, detach=True) if layers and len(self.models) else None
         self._features: dict[str, torch.Tensor] = {}
+        self.sharded = False  # FSDP2 over the processes (hf_distill.sharding): every forward is collective
 
     def describe_inputs(self) -> list[str]:
         """One line per teacher saying what its input adapter does to the student's batches."""
@@ -116,7 +117,12 @@ class Teachers(nn.Module):
     @torch.no_grad()
     def features_only(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """The first teacher's tapped features, running it only as far as the deepest tapped layer."""
-        features = self._taps.run_until_complete(call_model, self.models[0], self.prepare_input(0, pixel_values))
+        x = self.prepare_input(0, pixel_values)
+        if self.sharded:  # no early stop inside a sharded forward: run it whole, the taps keep what they need
+            call_model(self.models[0], x)
+            features = self._taps.pop()
+        else:
+            features = self._taps.run_until_complete(call_model, self.models[0], x)
         return {k: v.to(pixel_values.device) for k, v in features.items()}
 
     @torch.no_grad()

@@ -529,6 +529,10 @@ def build_teacher_cache(
         if state.is_main_process:
             _remove_cache_files(cache_dir)  # stray shards of a build killed before its first manifest
             _write_json_atomic(os.path.join(cache_dir, MANIFEST_NAME), manifest)
+    elif state.is_main_process:  # half-written shards of a killed build (nobody writes before the barrier below)
+        for name in os.listdir(cache_dir):
+            if name.startswith("shard-") and name.endswith(".tmp"):
+                os.remove(os.path.join(cache_dir, name))
     state.wait_for_everyone()
 
     missing = [i for i, span in enumerate(plan) if not _shard_on_disk(cache_dir, i, span)]
@@ -581,10 +585,14 @@ def build_teacher_cache(
 
 
 def _process_state():
-    """accelerate's view of the processes (one, or those ``torchrun`` started)."""
+    """accelerate's view of the processes (one, or those ``torchrun`` started). On a machine without a GPU it
+    must be told so (``cpu=True``), or each torchrun process would believe it is alone. The processes wait
+    for each other at the end of the build, after unequal shares of teacher passes: the timeout is long."""
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
 
 
 def _shard_plan(config: dict, n: int) -> list[tuple[int, int]]:

@@ -300,6 +300,26 @@ class DistillationTrainer(Trainer):
         # compute_loss returns a per-batch mean, so the Trainer scales it for accumulation.
         self.model_accepts_loss_kwargs = False
         self.teachers.to(device=args.teacher_device or self.args.device, dtype=self._teacher_dtype())
+        if args.teacher_sharding == "fsdp" and len(self.teachers):
+            self._shard_teachers()
+
+    def _shard_teachers(self) -> None:
+        """FSDP2 over all processes for every teacher (after the cast to teacher_dtype: the shards are half precision)."""
+        world = self.accelerator.num_processes
+        if world == 1:
+            logger.warning("teacher_sharding='fsdp' with a single process: the teacher stays whole")
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from .sharding import local_parameter_count, shard_teacher
+
+        mesh = init_device_mesh(self.args.device.type, (world,))
+        for teacher in self.teachers.models:
+            shard_teacher(teacher, mesh)
+        self.teachers.sharded = True
+        logger.info("teachers sharded over %d processes: %d of %d parameters held here", world,
+                    sum(local_parameter_count(t) for t in self.teachers.models),
+                    sum(count_parameters(t) for t in self.teachers.models))
 
     def _check_teacher_cache(self, args, teachers, train_dataset):
         """The teacher-output cache named by ``teacher_cache_dir``, checked now rather than at the first step."""
@@ -817,7 +837,7 @@ class DistillationTrainer(Trainer):
             # a plain forward of each model (classifiers and backbones alike)
             timing = {"student_ms_per_image": measure_latency_ms(self.student, x, call=default_call), "batch_size": 8,
                       "device": str(device), "image_size": f"{spec.image_size[0]}x{spec.image_size[1]}"}
-            if len(self.teachers):
+            if len(self.teachers) and not self.teachers.sharded:  # a sharded forward needs every process
                 # each teacher as training runs it: through its input adapter, in its own dtype
                 timing["teacher_ms_per_image"] = sum(
                     measure_latency_ms(t, self.teachers.prepare_input(i, x), call=default_call)

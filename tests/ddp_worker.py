@@ -15,6 +15,7 @@ from conftest import tiny_spec, tiny_timm  # noqa: E402
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments  # noqa: E402
 from hf_distill.data import digits_dataset, with_image_transform  # noqa: E402
+from hf_distill.sharding import local_parameter_count  # noqa: E402
 
 METHODS = {  # run name -> arguments
     "kd": {"distill_method": "kd"},
@@ -25,6 +26,8 @@ METHODS = {  # run name -> arguments
     # label-free feature distillation; standardisation off: its warm-up counts batches, which differ between
     # 2 processes (one global batch per step) and the 1-process reference (2 micro-batches per step)
     "feature": {"distill_method": "feature", "feature_standardize_batches": 0},
+    # the same KD with the teacher sharded over the processes (FSDP2): it must train the student identically
+    "kd_sharded": {"distill_method": "kd", "teacher_sharding": "fsdp"},
 }
 
 
@@ -83,9 +86,11 @@ def main(out_path: str, batch: int, accum: int) -> None:
             # what the data-parallel wrapper synchronises, and the teacher, which must not be part of it
             "synced_params": {id(p) for p in trainer.model_wrapped.parameters()},
             "teacher_param_ids": {id(p) for p in trainer.teachers.parameters()},
-            "teacher_unchanged": all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
-            if teacher is not None else True,
+            "teacher_unchanged": all(torch.equal(teacher_before[k], v.full_tensor() if hasattr(v, "full_tensor") else v)
+                                     for k, v in teacher.state_dict().items()) if teacher is not None else True,
             "seen": seen,
+            "teacher_params": sum(p.numel() for p in trainer.teachers.parameters()),
+            "teacher_local_params": local_parameter_count(trainer.teachers) if teacher is not None else 0,
         }
     for r in results.values():  # ids are only meaningful inside this process
         r["teacher_synced"] = bool(r.pop("synced_params") & r.pop("teacher_param_ids"))
