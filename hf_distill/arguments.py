@@ -268,6 +268,14 @@ class DataArguments:
     label_column_name: str = field(default="label", metadata={"help": "Column holding the class ids."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many training images."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many evaluation images."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read the training split as a stream (datasets' streaming=True: Hub datasets and image "
+                  "folders are read as training goes, never all on disk or in memory; several processes read their "
+                  "own shards), shuffled in a buffer of 10,000 examples, reshuffled each epoch. Needs --max_steps "
+                  "and an evaluation split, which is loaded whole. --max_train_samples keeps the first N of the "
+                  "shuffled stream. Not with a teacher-output cache or mixup / CutMix."},
+    )
     knn_split: Optional[str] = field(
         default=None,
         metadata={"help": "Feature distillation: a labelled split (e.g. `train`) whose features are the k-NN "

@@ -181,13 +181,28 @@ def load_splits(data_args, seed: int, cache_dir: str | None = None):
 
     if not data_args.dataset_name:
         raise UsageError("--dataset_name is required (a Hub dataset, a folder, or sklearn-digits)")
-    dsd = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir)
-    train, evaluation = split_train_eval(dsd, data_args.train_split, data_args.eval_split, data_args.eval_fraction,
-                                         seed, data_args.label_column_name)
+    dsd = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir,
+                             streaming=data_args.streaming)
+    try:
+        train, evaluation = split_train_eval(dsd, data_args.train_split, data_args.eval_split,
+                                             data_args.eval_fraction, seed, data_args.label_column_name)
+    except ValueError as err:
+        raise UsageError(str(err).replace("(eval_split)", "(--eval_split)")) from None
+    if data_args.streaming:
+        # evaluation reads its split whole (its size known): exact metrics over any number of processes
+        from .data import load_image_split
+
+        name = next(k for k, v in dsd.items() if v is evaluation)
+        evaluation = load_image_split(data_args.dataset_name, name, data_args.dataset_config_name, cache_dir)
     for split in (train, evaluation):
-        if data_args.image_column_name not in split.column_names:
+        columns = split.column_names or list((split.features or {}).keys())
+        if data_args.image_column_name not in columns:
             raise UsageError(f"--image_column_name: no column '{data_args.image_column_name}' in the dataset; "
-                             f"its columns are {split.column_names}")
+                             f"its columns are {columns}")
+    if data_args.streaming:  # the Trainer shuffles map-style data; a stream is shuffled here (reshuffled per epoch)
+        from .data import STREAM_SHUFFLE_BUFFER
+
+        train = train.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER)
     if data_args.max_train_samples:
         train = _random_subset(train, data_args.max_train_samples, seed)
     if data_args.max_eval_samples:
@@ -196,6 +211,10 @@ def load_splits(data_args, seed: int, cache_dir: str | None = None):
 
 
 def _random_subset(dataset, n: int, seed: int):
+    from .data import is_stream
+
+    if is_stream(dataset):  # already shuffled: its first n
+        return dataset.take(n)
     if n >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(n))
@@ -203,14 +222,19 @@ def _random_subset(dataset, n: int, seed: int):
 
 def dataset_classes(train, label_column: str) -> tuple[int, list[str] | None]:
     """(number of classes, class names or None) of the training split's label column."""
+    from .data import is_stream as data_is_stream
     from .data import label_names
 
-    if label_column not in train.column_names:
+    columns = train.column_names or list((train.features or {}).keys())
+    if label_column not in columns:
         raise UsageError(f"--label_column_name: no column '{label_column}' in the dataset; its columns are "
-                         f"{train.column_names}")
+                         f"{columns}")
     names = label_names(train, label_column)
     if names:
         return len(names), names
+    if data_is_stream(train):
+        raise UsageError(f"--streaming: the label column '{label_column}' does not name its classes (a ClassLabel), "
+                         "and a stream cannot be read ahead to count them")
     values = set(train[label_column])
     if not all(isinstance(v, int) or (hasattr(v, "is_integer") and float(v).is_integer()) for v in values):
         raise UsageError(f"--label_column_name {label_column}: expected class ids (integers), got values such as "
@@ -250,14 +274,21 @@ def load_teachers(model_args, training_args, backbone: bool = False):
 
 def load_knn_split(data_args, seed: int, cache_dir: str | None = None):
     """The labelled split whose features are the k-NN memory (feature distillation), or None."""
-    from .data import load_image_dataset
+    from .data import load_image_dataset, load_image_split
 
     if not data_args.knn_split:
         return None
-    dsd = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir)
-    if data_args.knn_split not in dsd:
-        raise UsageError(f"--knn_split: no split '{data_args.knn_split}' in the dataset; splits: {list(dsd)}")
-    split = dsd[data_args.knn_split]
+    if data_args.streaming:  # that split alone, whole (the memory is read in full at each evaluation)
+        try:
+            split = load_image_split(data_args.dataset_name, data_args.knn_split, data_args.dataset_config_name,
+                                     cache_dir)
+        except (KeyError, ValueError) as err:
+            raise UsageError(f"--knn_split: {err}") from None
+    else:
+        dsd = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir)
+        if data_args.knn_split not in dsd:
+            raise UsageError(f"--knn_split: no split '{data_args.knn_split}' in the dataset; splits: {list(dsd)}")
+        split = dsd[data_args.knn_split]
     if data_args.label_column_name not in split.column_names:
         raise UsageError(f"--knn_split {data_args.knn_split} has no label column '{data_args.label_column_name}' "
                          f"(columns {split.column_names}): the k-NN memory needs labels")
@@ -305,6 +336,14 @@ def run_training(model_args, data_args, training_args, print_fn=print):
     from .trainer import DistillationTrainer
 
     check_output_dir(training_args)
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise UsageError("--streaming needs --max_steps: a stream has no length to count epochs in")
+    if data_args.streaming and training_args.teacher_cache_dir:
+        raise UsageError("--streaming cannot read a teacher-output cache (its entries are replayed by index): drop "
+                         "--teacher_cache_dir or --streaming")
+    if data_args.streaming and training_args.mixing.enabled:
+        raise UsageError("--streaming cannot be mixed (--mixup_alpha / --cutmix_alpha): mixed batches follow a "
+                         "per-epoch order of the whole dataset")
     method = get_method(training_args.distill_method)
     if method.needs_teacher and not training_args.teacher_names and not training_args.teacher_cache_dir:
         raise UsageError(f"--distill_method {training_args.distill_method} needs a teacher: "
@@ -338,8 +377,9 @@ def run_training(model_args, data_args, training_args, print_fn=print):
         knn_train_dataset=with_image_transform(knn, spec, False, **columns) if knn is not None else None,
     )
     trainer.card_info.update(dataset=data_args.dataset_name)
+    count = lambda d: f"{len(d)} images" if hasattr(d, "__len__") else "a stream of images"  # noqa: E731
     print_fn(f"training {model_args.student_model_name_or_path} with {training_args.distill_method} on "
-             f"{len(train)} images ({data_args.dataset_name}); evaluating on {len(evaluation)}")
+             f"{count(train)} ({data_args.dataset_name}); evaluating on {count(evaluation)}")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
     trainer.save_model()

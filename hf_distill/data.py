@@ -39,12 +39,18 @@ def digits_dataset(test_fraction: float = 0.2, seed: int = 0):
     return DatasetDict(train=split["train"], test=split["test"])
 
 
-def load_image_dataset(name: str, config_name: str | None = None, cache_dir: str | None = None):
-    """A ``DatasetDict`` from a Hub name, a ``save_to_disk`` folder, an image folder or ``sklearn-digits``."""
+def load_image_dataset(name: str, config_name: str | None = None, cache_dir: str | None = None,
+                       streaming: bool = False):
+    """A ``DatasetDict`` from a Hub name, a ``save_to_disk`` folder, an image folder or ``sklearn-digits``.
+
+    ``streaming=True`` gives an ``IterableDatasetDict``: Hub datasets and image folders are read as
+    they are iterated (``load_dataset(..., streaming=True)``), in-memory ones in ``STREAM_SHARDS`` shards.
+    """
     import datasets
 
     if name == DIGITS:
-        return digits_dataset()
+        data = digits_dataset()
+        return _as_stream(data) if streaming else data
     if os.path.isdir(name):
         # a local folder: nothing is downloaded, so no download / generation progress bars
         with _quiet_datasets():
@@ -52,9 +58,29 @@ def load_image_dataset(name: str, config_name: str | None = None, cache_dir: str
                 os.path.join(name, "dataset_info.json")
             ):
                 ds = datasets.load_from_disk(name)
-                return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict(train=ds)
-            return datasets.load_dataset("imagefolder", data_dir=name, cache_dir=cache_dir)
-    return datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+                ds = ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict(train=ds)
+                return _as_stream(ds) if streaming else ds
+            return datasets.load_dataset("imagefolder", data_dir=name, cache_dir=cache_dir, streaming=streaming)
+    return datasets.load_dataset(name, config_name, cache_dir=cache_dir, streaming=streaming)
+
+
+def load_image_split(name: str, split: str, config_name: str | None = None, cache_dir: str | None = None):
+    """One split as a map-style ``Dataset`` (a Hub dataset downloads that split only)."""
+    import datasets
+
+    if name == DIGITS or os.path.isdir(name):
+        return load_image_dataset(name, config_name, cache_dir)[split]
+    return datasets.load_dataset(name, config_name, split=split, cache_dir=cache_dir)
+
+
+STREAM_SHUFFLE_BUFFER = 10_000  # examples held to shuffle a stream (the command line shuffles training streams)
+STREAM_SHARDS = 4  # shards of an in-memory dataset read as a stream: several processes read their own
+
+
+def _as_stream(dsd):
+    import datasets
+
+    return datasets.IterableDatasetDict({k: v.to_iterable_dataset(num_shards=STREAM_SHARDS) for k, v in dsd.items()})
 
 
 def _quiet_datasets():
@@ -79,6 +105,8 @@ def split_train_eval(dsd, train_split: str = "train", eval_split: str | None = N
     for candidate in ("validation", "valid", "val", "test"):
         if candidate in dsd and candidate != train_split:
             return train, dsd[candidate]
+    if is_stream(train):
+        raise ValueError(f"a stream has no held-out part: name an evaluation split (eval_split), one of {list(dsd)}")
     # held out at random, with every class in the same proportion when the labels are a ClassLabel
     stratify = label_column if hasattr(train.features.get(label_column), "names") else None
     parts = train.train_test_split(test_size=eval_fraction, seed=seed, stratify_by_column=stratify)
@@ -172,7 +200,7 @@ def with_image_transform(dataset, spec: InputSpec, training: bool = False, augme
     gives unlabelled examples (``pixel_values`` only), e.g. for ``trainer.predict``. An image
     that cannot be read is skipped with a warning naming its file; the batch is one shorter.
     """
-    columns = dataset.column_names
+    columns = dataset.column_names or list((dataset.features or {}).keys())
     if image_column not in columns:
         raise ValueError(f"column '{image_column}' not in the dataset; columns: {columns}")
     if label_column is not None and label_column not in columns:
@@ -197,11 +225,23 @@ def with_image_transform(dataset, spec: InputSpec, training: bool = False, augme
             out["labels"] = list(batch[label_column])
         return out
 
-    return without_image_decoding(dataset, image_column).with_transform(transform)
+    dataset = without_image_decoding(dataset, image_column)
+    if is_stream(dataset):  # a datasets IterableDataset has no with_transform: a lazy map does the same
+        return dataset.map(transform, batched=True, batch_size=64, remove_columns=columns)
+    return dataset.with_transform(transform)
+
+
+def is_stream(dataset) -> bool:
+    """A ``datasets`` ``IterableDataset`` (``load_dataset(..., streaming=True)``): read in order, no length."""
+    try:
+        from datasets import IterableDataset
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(dataset, IterableDataset)
 
 
 def label_names(dataset, label_column: str = "label") -> list[str] | None:
-    feature = dataset.features.get(label_column)
+    feature = (dataset.features or {}).get(label_column)
     return list(feature.names) if hasattr(feature, "names") else None
 
 

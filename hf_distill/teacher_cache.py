@@ -267,6 +267,12 @@ def _dataset_entry(dataset, image_column: str, label_column: str) -> dict:
 
 
 def _check_raw_dataset(dataset, image_column: str, label_column: str) -> None:
+    from .data import is_stream
+
+    if is_stream(dataset):
+        raise TeacherCacheError("a teacher-output cache needs a dataset it can index (entries are stored per sample "
+                                "and replayed by index): a stream (streaming=True) cannot be cached; train with a "
+                                "live teacher, or load the data without streaming")
     for col in (image_column, label_column):
         if col not in dataset.column_names:
             raise ValueError(f"column '{col}' not in the dataset; columns: {dataset.column_names}")
@@ -955,6 +961,7 @@ def with_teacher_cache(dataset, cache: TeacherCache | str | os.PathLike, student
     and this student input spec. Add ``TeacherCacheCallback(dataset)`` to the trainer's callbacks
     (needed with several processes, harmless otherwise).
     """
+    _check_raw_dataset(dataset, image_column, label_column)  # a stream is refused before the cache is opened
     if not isinstance(cache, TeacherCache):
         cache = load_teacher_cache(cache)
     return TeacherCacheDataset(dataset, cache, student_spec, image_column, label_column)

@@ -148,6 +148,10 @@ def _accuracy(logits, labels) -> float:
     return float((pred_ids == labels).mean())
 
 
+def _length(dataset) -> int | None:
+    return len(dataset) if hasattr(dataset, "__len__") else None  # a stream has none
+
+
 def teacher_metrics(student_logits: np.ndarray, teacher_logits: np.ndarray, labels=None) -> dict[str, float]:
     """The teacher's accuracy (with labels), and how far the student follows it: top-1 agreement and the
     mean ``KL(teacher || student)`` at temperature 1."""
@@ -248,6 +252,7 @@ class DistillationTrainer(Trainer):
         if self.method.student_output == "logits":  # feature distillation has no label space
             check_label_spaces(student, teachers)
         self.mixer, train_dataset = self._mixing(args, student, teachers, train_dataset)
+        self._stream_reading(args, train_dataset)
         self.knn_train_dataset = knn_train_dataset
         self._teacher_knn: dict[tuple, dict[str, float]] = {}
         self.student_spec = input_spec(student)
@@ -357,6 +362,21 @@ class DistillationTrainer(Trainer):
             # the teachers named here are the ones cards and eval_teacher_accuracy report: they must be the cache's
             cache.check(teachers=teachers)
         return cache
+
+    @staticmethod
+    def _stream_reading(args, train_dataset) -> None:
+        """With several processes, a stream of at least as many shards as processes is split by shard, each
+        process reading only its own (accelerate's default for streams: the first process reads, decodes and
+        sends every batch); fewer shards keep that default."""
+        from .data import is_stream
+
+        if not is_stream(train_dataset) or args.world_size < 2:
+            return
+        config = args.accelerator_config
+        if getattr(config, "dispatch_batches", None) is None and train_dataset.n_shards >= args.world_size:
+            config.dispatch_batches = False
+            logger.info("stream of %d shards on %d processes: each process reads its own shards",
+                        train_dataset.n_shards, args.world_size)
 
     def _mixing(self, args, student, teachers, train_dataset):
         """(the batch mixer, the training data in its epoch order) when mixup / CutMix is on."""
@@ -647,10 +667,15 @@ class DistillationTrainer(Trainer):
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
+        from .data import is_stream
+
+        if is_stream(dataloader.dataset) and self.accelerator.num_processes > 1:
+            raise ValueError("evaluating a stream over several processes would give each process a different "
+                             "number of batches: evaluate a map-style dataset (load its split without streaming)")
         self._sync_buffers()
         loss_only = prediction_loss_only if prediction_loss_only is not None else self.args.prediction_loss_only
         if len(self.teachers) and self.args.eval_teacher and not loss_only and self.method.teacher_output == "logits":
-            self._eval_teacher_key = (id(dataloader.dataset), len(dataloader.dataset))
+            self._eval_teacher_key = (id(dataloader.dataset), _length(dataloader.dataset))
         self._eval_teacher_batches = []
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
@@ -705,7 +730,7 @@ class DistillationTrainer(Trainer):
             (train_s,), train_y = self._summary_features(memory)
             (test_s,), test_y = self._summary_features(eval_dataloader)
             metrics = {"knn_accuracy": knn_accuracy(train_s, train_y, test_s, test_y)}
-            key = (id(self.knn_train_dataset), id(eval_dataloader.dataset), len(eval_dataloader.dataset))
+            key = (id(self.knn_train_dataset), id(eval_dataloader.dataset), _length(eval_dataloader.dataset))
             if self.args.eval_teacher and len(self.teachers) and key not in self._teacher_knn:
                 train_t, _ = self._summary_features(memory, teachers=True)
                 test_t, _ = self._summary_features(eval_dataloader, teachers=True)

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from conftest import tiny_spec, tiny_timm  # noqa: E402
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments  # noqa: E402
-from hf_distill.data import digits_dataset, with_image_transform  # noqa: E402
+from hf_distill.data import collate_images, digits_dataset, with_image_transform  # noqa: E402
 from hf_distill.sharding import local_parameter_count  # noqa: E402
 
 METHODS = {  # run name -> arguments
@@ -28,7 +28,13 @@ METHODS = {  # run name -> arguments
     "feature": {"distill_method": "feature", "feature_standardize_batches": 0},
     # the same KD with the teacher sharded over the processes (FSDP2): it must train the student identically
     "kd_sharded": {"distill_method": "kd", "teacher_sharding": "fsdp"},
+    # KD reading the training data as a stream of 4 shards: each process must read its own shards
+    "kd_stream": {"distill_method": "kd"},
 }
+
+
+def _fingerprints(batches) -> list[float]:
+    return [round(float(b["pixel_values"].double().sum()), 4) for b in batches]
 
 
 def main(out_path: str, batch: int, accum: int) -> None:
@@ -37,6 +43,12 @@ def main(out_path: str, batch: int, accum: int) -> None:
     ds = digits_dataset()
     train = with_image_transform(ds["train"].select(range(96)), spec)
     evaluation = with_image_transform(ds["test"].select(range(37)), spec)  # odd size: no padding duplicates
+    # the same 96 images as a stream of 4 shards (datasets IterableDataset), and its batches as each process
+    # should read them: this process's share of the shards, in order
+    stream = ds["train"].select(range(96)).to_iterable_dataset(num_shards=4)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    own = with_image_transform(stream.shard(num_shards=world, index=rank) if world > 1 else stream, spec)
+    own_batches = [collate_images(list(b)) for b in zip(*[iter(own)] * batch)][: 3 * accum]
     results = {}
     for method, extra in METHODS.items():
         args = DistillationTrainingArguments(
@@ -52,15 +64,14 @@ def main(out_path: str, batch: int, accum: int) -> None:
         seen = []  # a fingerprint of each training batch this process's student saw
         student.conv1.register_forward_pre_hook(  # the first layer: feature methods call forward_features
             lambda m, a: seen.append(round(float(a[0].double().sum()), 4)) if m.training else None)
+        data = with_image_transform(stream, spec) if method == "kd_stream" else train
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
-                                      train_dataset=train, eval_dataset=evaluation)
+                                      train_dataset=data, eval_dataset=evaluation)
         trainer.train()
         metrics = trainer.evaluate()
         trainer.save_model()
         wrapped = trainer.accelerator.unwrap_model(trainer.model)
         # the same weights evaluated in this one process over the whole eval set, as a reference
-        from hf_distill.data import collate_images
-
         full = collate_images([evaluation[i] for i in range(len(evaluation))])
         local_accuracy = None
         if extra["distill_method"] == "feature":  # the mean cosine to the teacher, computed here on everything
@@ -89,6 +100,8 @@ def main(out_path: str, batch: int, accum: int) -> None:
             "teacher_unchanged": all(torch.equal(teacher_before[k], v.full_tensor() if hasattr(v, "full_tensor") else v)
                                      for k, v in teacher.state_dict().items()) if teacher is not None else True,
             "seen": seen,
+            "steps": trainer.state.global_step,
+            "own_stream_batches": _fingerprints(own_batches),
             "teacher_params": sum(p.numel() for p in trainer.teachers.parameters()),
             "teacher_local_params": local_parameter_count(trainer.teachers) if teacher is not None else 0,
         }

@@ -104,3 +104,17 @@ def test_sharded_teacher_holds_half_its_weights_per_process_and_trains_the_stude
     assert one["kd_sharded"]["teacher_local_params"] == one["kd_sharded"]["teacher_params"]  # one process: whole
     for k, v in two["kd"]["params"].items():
         assert torch.allclose(v, two["kd_sharded"]["params"][k], atol=1e-6, rtol=0), k
+
+
+def test_a_stream_is_read_by_shard_each_process_its_own(runs):
+    """A datasets stream of 4 shards on 2 processes: each process reads its own 2 shards (not the first
+    process reading everything and sending batches), trains the requested steps, and both end equal."""
+    two, one, _, rank1 = runs
+    for result in (two, rank1, one):
+        run = result["kd_stream"]
+        assert run["steps"] == 3
+        assert run["seen"] == run["own_stream_batches"][: len(run["seen"])] and len(run["seen"]) == 3 * (
+            2 if result is one else 1)  # one process: 2 micro-batches per step (gradient accumulation)
+    assert set(two["kd_stream"]["seen"]).isdisjoint(rank1["kd_stream"]["seen"])
+    for k, v in two["kd_stream"]["params"].items():
+        assert torch.equal(v, rank1["kd_stream"]["params"][k]), k

@@ -219,6 +219,10 @@ BAD = {
     "output dir holds a model": (["--output_dir", TEACHER], 2,
                                  r"--output_dir hf_distill_demo/teacher already holds a saved model.*"
                                  r"--overwrite_output_dir"),
+    "stream without max_steps": (["--streaming", "--max_steps", "-1"], 2, r"--streaming needs --max_steps"),
+    "stream with a cache": (["--streaming", "--teacher_cache_dir", "outputs/no_cache"], 2,
+                            r"--streaming cannot read a teacher-output cache"),
+    "stream with mixup": (["--streaming", "--mixup_alpha", "0.2"], 2, r"--streaming cannot be mixed"),
 }
 
 
@@ -256,3 +260,26 @@ def test_feature_distillation_on_a_folder_without_labels(ws):
     backbone = load_model(str(out), backbone=True)
     assert backbone.num_classes == 0
     assert "image-feature-extraction" in (out / "README.md").read_text()
+
+
+def test_streaming_an_image_folder_with_split_folders(ws):
+    """``--streaming`` on a folder with train/ and test/ sub-folders: training reads a shuffled stream, the
+    evaluation split is loaded whole (its accuracy is over all of its images)."""
+    from hf_distill.data import digits_dataset
+
+    root = ws / "split_images"
+    ds = digits_dataset()
+    for split, n in (("train", 96), ("test", 30)):
+        for i in range(n):
+            example = ds[split][i]
+            folder = root / split / str(example["label"])
+            folder.mkdir(parents=True, exist_ok=True)
+            example["image"].resize((24, 24)).save(folder / f"{i:03d}.png")
+    out = ws / "outputs" / "streamed"
+    proc = ok(run(["--student_model_name_or_path", "resnet10t", "--no_student_pretrained", "--in_chans", "1",
+                   "--image_size", "32", "--dataset_name", "split_images", "--streaming", "--teacher_model_name_or_path",
+                   TEACHER, "--max_steps", "3", "--per_device_train_batch_size", "8", "--output_dir", str(out),
+                   "--report_to", "none", "--use_cpu", "--logging_steps", "1"], ws))
+    assert "on a stream of images (split_images); evaluating on 30 images" in proc.stdout
+    assert_trained(out, 3, {"loss_ce", "loss_kd"}, proc.stdout)
+    assert "'eval_teacher_accuracy'" in proc.stdout
