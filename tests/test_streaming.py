@@ -50,6 +50,30 @@ def test_trainer_trains_the_requested_steps_on_a_stream_and_evaluates_one(stream
     assert 0 <= metrics["eval_accuracy"] <= 1 and "eval_teacher_accuracy" in metrics
 
 
+SPEC32 = tiny_spec(size=32)
+EVERY_METHOD = {  # the arguments each method needs beyond its name, and whether it takes a teacher
+    "kd": ({}, True), "dkd": ({}, True), "dist": ({}, True), "feature": ({}, True),
+    "fitnets": ({"hint_layers": ["layer1:layer2"]}, True), "noisy_teacher": ({}, True), "byot": ({}, False),
+    "sftn": ({"sftn_student_model": "test_resnet"}, False), "supervised": ({}, False),
+}
+
+
+@pytest.mark.parametrize("method", sorted(EVERY_METHOD))
+def test_every_method_trains_on_a_stream(stream, make_args, method):
+    from hf_distill.methods import METHODS
+
+    assert set(METHODS) - set(EVERY_METHOD) == {"function_matching"}  # mixup: refused below
+    extra, with_teacher = EVERY_METHOD[method]
+    model = tiny_timm("resnet18" if method == "sftn" else "test_resnet", seed=1, spec=SPEC32)
+    trainer = DistillationTrainer(
+        model=model, teacher_model=tiny_timm("resnet18", seed=2, spec=SPEC32) if with_teacher else None,
+        args=make_args(distill_method=method, max_steps=2, per_device_train_batch_size=8, **extra),
+        train_dataset=with_image_transform(stream["train"], SPEC32))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert all(torch.isfinite(v) for v in trainer.last_loss_terms.values()) and trainer.last_loss_terms
+
+
 def test_a_stream_is_refused_where_it_cannot_work(stream, make_args, tmp_path):
     spec = tiny_spec()
     teacher = tiny_timm("resnet18", seed=2, spec=spec)
@@ -58,6 +82,7 @@ def test_a_stream_is_refused_where_it_cannot_work(stream, make_args, tmp_path):
     with pytest.raises(TeacherCacheError, match="a stream .* cannot be cached"):
         with_teacher_cache(stream["train"], tmp_path / "cache", spec)
     assert not (tmp_path / "cache").exists()
-    with pytest.raises(ValueError, match="mixup / CutMix with a dataset without a length"):
-        DistillationTrainer(model=tiny_timm(seed=1, spec=spec), teacher_model=teacher,
-                            args=make_args(mixup_alpha=0.2), train_dataset=with_image_transform(stream["train"], spec))
+    for mixed in ({"mixup_alpha": 0.2}, {"distill_method": "function_matching"}):
+        with pytest.raises(ValueError, match="mixup / CutMix with a dataset without a length"):
+            DistillationTrainer(model=tiny_timm(seed=1, spec=spec), teacher_model=teacher, args=make_args(**mixed),
+                                train_dataset=with_image_transform(stream["train"], spec))
