@@ -50,6 +50,12 @@ def arguments_md() -> str:
         lines += [f"## {d.__name__.replace('Arguments', '')} options", "", *_rows(dataclasses.fields(d)), ""]
     lines += ["## Model (command line)", "", *_rows(dataclasses.fields(ModelArguments)), "",
               "## Data (command line)", "", *_rows(dataclasses.fields(DataArguments)), ""]
+    from hf_distill.cli import CacheArguments, SearchArguments
+
+    lines += ["## `hf-distill cache-teacher`", "", *_rows(dataclasses.fields(CacheArguments)), "",
+              "## `hf-distill search`", "",
+              "The search space format is in [methods.md](methods.md#hyperparameter-search).", "",
+              *_rows(dataclasses.fields(SearchArguments)), ""]
     return "\n".join(lines)
 
 

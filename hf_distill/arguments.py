@@ -155,8 +155,6 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
         method = get_method(self.distill_method)  # raises with the list of valid names
         if self.temperature is None:
             self.temperature = method.default_temperature
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.alpha is not None and not method.uses_alpha:
             raise ValueError(f"distill_method='{self.distill_method}' does not use alpha: {method.alpha_instead}")
         for key, value in method.preset.items():  # a method's defaults for arguments left unset
@@ -165,14 +163,21 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
         if self.alpha is None:
             self.alpha = 0.9
         self.mixup_alpha = self.mixup_alpha or 0.0
+        self.distill_loss = self.distill_loss or "kl"
+        self.teacher_noise_std = self.teacher_noise_std or 0.0
+        self.teacher_noise_prob = self.teacher_noise_prob or 0.0
+        self.check_distillation()
+
+    def check_distillation(self) -> None:
+        """Check the distillation arguments together (also after a hyperparameter-search trial set some)."""
+        method = get_method(self.distill_method)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         self.mixing.validate()
         if self.mixing.enabled and not method.mixes:
             raise ValueError(f"distill_method='{self.distill_method}' cannot train on mixed images: {method.no_mixing}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        self.distill_loss = self.distill_loss or "kl"
-        self.teacher_noise_std = self.teacher_noise_std or 0.0
-        self.teacher_noise_prob = self.teacher_noise_prob or 0.0
         if self.distill_loss not in DISTILL_LOSSES:
             raise ValueError(f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, got '{self.distill_loss}'")
         if self.logit_standardization and (self.distill_loss != "kl" or not method.standardizes_logits):

@@ -2,6 +2,7 @@
 
     hf-distill [train] --config run.yaml [--flag value ...]   distill (flags override the file)
     hf-distill cache-teacher --teacher_cache_dir DIR [...]    teacher outputs computed once (FKD)
+    hf-distill search --config run.yaml --n_trials N          hyperparameter search (Optuna, Ray Tune)
     hf-distill layers MODEL [--image-size N]                  candidate hint layers and shapes
     hf-distill demo [--output_dir DIR]                        embedded offline demo
 
@@ -21,11 +22,12 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 COMMANDS = {
     "train": "distill a teacher into a student (the default command)",
     "cache-teacher": "run the teacher(s) once over the training data and store their outputs",
+    "search": "search hyperparameters (temperature, alpha, learning rate, ...) with Optuna or Ray Tune",
     "layers": "list a model's modules with output shapes (hint-layer candidates)",
     "demo": "the embedded offline demo (digits: teacher, student from scratch, student with KD)",
 }
@@ -93,13 +95,13 @@ def _group_help(parser: argparse.ArgumentParser, groups) -> None:
     parser._action_groups[:] = new_groups + rest
 
 
-def load_config_file(path: str | Path) -> dict:
+def load_config_file(path: str | Path, flag: str = "--config") -> dict:
     """A config file's arguments as a dict (YAML or JSON, chosen by extension)."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as err:
-        raise UsageError(f"--config {path}: {err.strerror or err}") from None
+        raise UsageError(f"{flag} {path}: {err.strerror or err}") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -108,10 +110,10 @@ def load_config_file(path: str | Path) -> dict:
         else:
             data = json.loads(text)
     except Exception as err:  # yaml.YAMLError, json.JSONDecodeError
-        raise UsageError(f"--config {path}: not valid {'YAML' if path.suffix.lower() != '.json' else 'JSON'}: "
+        raise UsageError(f"{flag} {path}: not valid {'YAML' if path.suffix.lower() != '.json' else 'JSON'}: "
                          f"{str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: expected a mapping of argument names to values")
+        raise UsageError(f"{flag} {path}: expected a mapping of argument names to values")
     return data
 
 
@@ -325,17 +327,17 @@ def check_output_dir(training_args) -> None:
                          "--resume_from_checkpoint.")
 
 
-def run_training(model_args, data_args, training_args, print_fn=print):
-    """Load data and models as the arguments say, distill, evaluate, save the student. Returns metrics."""
+def build_trainer(model_args, data_args, training_args, print_fn=print, model_init: bool = False):
+    """The trainer the arguments describe, with data and models loaded (``model_init``: the student is
+    rebuilt per training run, for a search). Returns (trainer, raw train split, raw evaluation split)."""
     from transformers import set_seed
 
     from .callbacks import EpochPrinter
-    from .data import SKIPPED_IMAGES, with_image_transform
+    from .data import with_image_transform
     from .methods import get_method
     from .models import input_spec
     from .trainer import DistillationTrainer
 
-    check_output_dir(training_args)
     if data_args.streaming and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps: a stream has no length to count epochs in")
     if data_args.streaming and training_args.teacher_cache_dir:
@@ -367,8 +369,12 @@ def run_training(model_args, data_args, training_args, print_fn=print):
     teachers = load_teachers(model_args, training_args, backbone=features)
     if not features:
         check_teacher_classes(student, teachers, data_args)
+    if model_init:  # the Trainer calls it with the seed set, for each trial
+        def fresh_student():
+            return load_student(model_args, train, data_args.label_column_name, backbone=features)
     trainer = DistillationTrainer(
-        model=student,
+        model=None if model_init else student,
+        model_init=fresh_student if model_init else None,
         teacher_model=teachers or None,
         args=training_args,
         train_dataset=train_dataset,
@@ -377,9 +383,21 @@ def run_training(model_args, data_args, training_args, print_fn=print):
         knn_train_dataset=with_image_transform(knn, spec, False, **columns) if knn is not None else None,
     )
     trainer.card_info.update(dataset=data_args.dataset_name)
-    count = lambda d: f"{len(d)} images" if hasattr(d, "__len__") else "a stream of images"  # noqa: E731
+    return trainer, train, evaluation
+
+
+def _count(dataset) -> str:
+    return f"{len(dataset)} images" if hasattr(dataset, "__len__") else "a stream of images"
+
+
+def run_training(model_args, data_args, training_args, print_fn=print):
+    """Load data and models as the arguments say, distill, evaluate, save the student. Returns metrics."""
+    from .data import SKIPPED_IMAGES
+
+    check_output_dir(training_args)
+    trainer, train, evaluation = build_trainer(model_args, data_args, training_args, print_fn)
     print_fn(f"training {model_args.student_model_name_or_path} with {training_args.distill_method} on "
-             f"{count(train)} ({data_args.dataset_name}); evaluating on {count(evaluation)}")
+             f"{_count(train)} ({data_args.dataset_name}); evaluating on {_count(evaluation)}")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
     trainer.save_model()
@@ -449,6 +467,124 @@ def _cache_teacher_main(argv: Sequence[str]) -> int:
     return 0
 
 
+@dataclasses.dataclass
+class SearchArguments:
+    _cli_group = "search"
+
+    n_trials: int = dataclasses.field(default=10, metadata={"help": "Trials to run (each a full training run)."})
+    backend: str = dataclasses.field(
+        default="optuna", metadata={"help": "Search engine: `optuna` (TPE, pip install 'hf_distill[optuna]') or `ray` "
+                                    "(Ray Tune, pip install 'hf_distill[ray]').", "choices": ["optuna", "ray"]})
+    search_space: Optional[str] = dataclasses.field(
+        default=None,
+        metadata={"help": "A YAML/JSON file mapping arguments to ranges or choices (or a `search_space:` mapping in "
+                  "--config), e.g. `temperature: {low: 1, high: 8}`, `learning_rate: {low: 1e-4, high: 1e-2, log: "
+                  "true}`, `per_device_train_batch_size: [32, 64]`. Default: the learning rate (x0.1 to x10) and "
+                  "the method's own weights."})
+    search_metric: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "Evaluation metric to optimise (default: eval_accuracy, or for feature "
+                                "distillation eval_knn_accuracy, else eval_feature_cosine; a loss is minimised)."})
+    search_seed: int = dataclasses.field(default=0, metadata={"help": "Seed of the sampler (Optuna's TPE, Ray Tune's "
+                                                                "random search)."})
+
+
+def _search_main(argv: Sequence[str]) -> int:
+    """``hf-distill search``: trials of the training run the arguments describe, with the searched values."""
+    from .search import SearchSpace, check_backend
+
+    parser = _parser((SearchArguments,), prog="hf-distill search",
+                     description="Search hyperparameters (distillation and Trainer arguments) over trials of the run "
+                     "the other flags describe; each trial trains a fresh student against the same, once-loaded "
+                     "teacher. Writes search_results.json and best.yaml (the run with the best values) to "
+                     "--output_dir.")
+    (model_args, data_args, training_args, search_args, _), given = _parse(parser, argv)
+    _cli_defaults(training_args, given)
+    try:
+        check_backend(search_args.backend)
+    except ImportError as err:
+        raise UsageError(f"--backend {search_args.backend}: {err}") from None
+    space = search_args.search_space
+    if isinstance(space, str):
+        space = _inline_or_file(space, "--search_space")
+    if space is not None:
+        try:
+            SearchSpace.from_dict(space, type(training_args))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    if search_args.n_trials < 1:
+        raise UsageError("--n_trials must be at least 1")
+    trainer, train, evaluation = build_trainer(model_args, data_args, training_args, print, model_init=True)
+    print(f"searching {search_args.n_trials} trials of {model_args.student_model_name_or_path} with "
+          f"{training_args.distill_method} ({search_args.backend}) on {_count(train)}; evaluating on {_count(evaluation)}")
+    kwargs = {}
+    if search_args.backend == "optuna":
+        import optuna
+
+        kwargs["sampler"] = optuna.samplers.TPESampler(seed=search_args.search_seed)
+    else:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        kwargs["search_alg"] = BasicVariantGenerator(random_state=search_args.search_seed)
+    best = trainer.hyperparameter_search(hp_space=space, n_trials=search_args.n_trials, backend=search_args.backend,
+                                         metric=search_args.search_metric, **kwargs)
+    trials = trainer.search_trials or [  # Ray Tune: the trials ran in its workers
+        {"trial": i, "params": {k: t.config[k] for k in best.hyperparameters}, "objective": t.last_result.get("objective"),
+         "metrics": {k: v for k, v in t.last_result.items() if k.startswith("eval_")}}
+        for i, t in enumerate(best.run_summary.trials)]
+    for t in trials:
+        print(f"trial {t['trial']}: objective {_fmt(t['objective'])}  " + "  ".join(
+            f"{k}={_fmt(v)}" for k, v in t["params"].items()))
+    print(f"best: objective {_fmt(best.objective)}  " + "  ".join(
+        f"{k}={_fmt(v)}" for k, v in best.hyperparameters.items()))
+    out = Path(training_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"backend": search_args.backend, "best": {"objective": best.objective,
+                                                        "hyperparameters": best.hyperparameters}, "trials": trials}
+    (out / "search_results.json").write_text(json.dumps(results, indent=2, default=str))
+    best_config = {**_given_values((model_args, data_args, training_args), given), **best.hyperparameters,
+                   "output_dir": str(out / "best")}
+    import yaml
+
+    (out / "best.yaml").write_text("# the searched run with the best trial's values (hf-distill search)\n"
+                                   + yaml.safe_dump(best_config, sort_keys=False))
+    print(f"results in {out / 'search_results.json'}; train with the best values: "
+          f"hf-distill --config {out / 'best.yaml'}")
+    return 0
+
+
+def _inline_or_file(text: str, flag: str) -> dict:
+    """A mapping given inline (YAML / JSON text) or as a file."""
+    if not os.path.exists(text) and text.lstrip().startswith("{"):
+        import yaml
+
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise UsageError(f"{flag}: not valid YAML / JSON: {str(err).splitlines()[0]}") from None
+        if isinstance(value, dict):
+            return value
+    return load_config_file(text, flag)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _given_values(groups, given: set[str]) -> dict:
+    """The arguments the user set (config file and flags), as plain values for a config file."""
+    import enum
+
+    values = {}
+    for group in groups:
+        for f in dataclasses.fields(group):
+            if f.name in given:
+                value = getattr(group, f.name)
+                if f.name == "report_to" and not value:
+                    value = "none"  # as a user writes it (the Trainer turns it into [])
+                values[f.name] = value.value if isinstance(value, enum.Enum) else value
+    return values
+
+
 def _layers_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="hf-distill layers", allow_abbrev=False,
                                      description="List a model's modules with output shapes (hint-layer candidates).")
@@ -494,11 +630,13 @@ def _top_level_help() -> str:
               "  hf-distill --config examples/kd_digits.yaml --num_train_epochs 30",
               "  hf-distill layers resnet18 --image-size 64 --stages-only",
               "  hf-distill cache-teacher --config run.yaml --teacher_cache_dir cache/",
+              "  hf-distill search --config run.yaml --n_trials 20 --backend optuna",
               "  hf-distill demo"]
     return "\n".join(lines)
 
 
-_HANDLERS = {"train": _train_main, "cache-teacher": _cache_teacher_main, "layers": _layers_main, "demo": _demo_main}
+_HANDLERS = {"train": _train_main, "cache-teacher": _cache_teacher_main, "search": _search_main,
+             "layers": _layers_main, "demo": _demo_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -539,7 +677,8 @@ def _one_line(err: BaseException) -> str:
 def _field_names() -> list[str]:
     from .arguments import DataArguments, DistillationTrainingArguments, ModelArguments
 
-    names = {f.name for d in (ModelArguments, DataArguments, DistillationTrainingArguments, CacheArguments)
+    names = {f.name for d in (ModelArguments, DataArguments, DistillationTrainingArguments, CacheArguments,
+                                                        SearchArguments)
              for f in dataclasses.fields(d)}
     return sorted(names, key=len, reverse=True)
 

@@ -78,6 +78,19 @@ class Teachers(nn.Module):
         self._features: dict[str, torch.Tensor] = {}
         self.sharded = False  # FSDP2 over the processes (hf_distill.sharding): every forward is collective
 
+    def rebuilt(self, student_spec: InputSpec, layers: Sequence[str] = ()) -> "Teachers":
+        """The same teacher models (frozen, placed, sharded as they are) for another student or other tapped
+        layers: this wrapper's hooks are removed, the new adapters follow the old ones' device and dtype."""
+        if self._taps is not None:
+            self._taps.remove()
+        new = Teachers(list(self.models), student_spec, layers)
+        new.sharded = self.sharded
+        for old, adapter in zip(self.adapters, new.adapters):
+            buffer = next(old.buffers(), None)
+            if buffer is not None:
+                adapter.to(device=buffer.device, dtype=buffer.dtype)
+        return new
+
     def describe_inputs(self) -> list[str]:
         """One line per teacher saying what its input adapter does to the student's batches."""
         return [f"teacher {i} ({model_name(t)}): input adapter: {a.describe()}"

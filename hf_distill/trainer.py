@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import DistillationTrainingArguments
@@ -225,15 +225,22 @@ class DistillationTrainer(Trainer):
         callbacks=None,
         optimizers=(None, None),
         knn_train_dataset=None,
+        model_init=None,
         **kwargs,
     ):
         if args is None:
             args = DistillationTrainingArguments(output_dir="hf_distill_output")
         if not isinstance(args, DistillationTrainingArguments):
             raise TypeError("args must be DistillationTrainingArguments (it extends TrainingArguments)")
-        if model is None:
-            raise ValueError("pass the student as `model=` (a module or a name for load_model)")
-        student = load_model(model) if isinstance(model, str) else model
+        if (model is None) == (model_init is None):
+            raise ValueError("pass the student as `model=` (a module or a name for load_model), or as `model_init=` "
+                             "(a function returning a fresh student, for hyperparameter_search): one of them")
+        self._student_init = model_init
+        if model_init is not None:
+            set_seed(args.seed)  # as the Trainer does before a model_init: the same student for the same seed
+            student = self._new_student(None)
+        else:
+            student = load_model(model) if isinstance(model, str) else model
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("compute_loss_func is not supported: the distillation method computes the loss "
                              "(DistillationTrainer.compute_loss); choose or add a method instead")
@@ -255,12 +262,7 @@ class DistillationTrainer(Trainer):
         self._stream_reading(args, train_dataset)
         self.knn_train_dataset = knn_train_dataset
         self._teacher_knn: dict[tuple, dict[str, float]] = {}
-        self.student_spec = input_spec(student)
-        self.method.setup(student, teachers)
-        self.teachers = Teachers(teachers, self.student_spec, self.method.teacher_layers())
-        for line in self.teachers.describe_inputs():
-            logger.info(line)
-        extras = self.method.build_modules(student, list(self.teachers.models), self._probe(student))
+        self.teachers = Teachers(teachers, input_spec(student))
         # evaluation: the teachers' logits per (dataset, batch), computed once; those of the running evaluation
         self._eval_teacher_cache: dict[tuple, torch.Tensor] = {}
         self._eval_teacher_key: tuple | None = None
@@ -275,14 +277,13 @@ class DistillationTrainer(Trainer):
         self._schedule_values: dict[str, float] = {}
         self._eval_output_names: list[str] = []
         self._steps_per_epoch = 0
+        self._search_defaults: dict[str, Any] = {}  # argument values before a hyperparameter search changed them
+        self.search_trials: list[dict] = []  # each trial's parameters and metrics (hyperparameter_search)
 
-        wrapped = DistillationModel(student, extras, self.method, self.method.student_layers())
-        if args.sync_batchnorm and args.world_size > 1:
-            if args.device.type != "cuda":
-                raise ValueError("sync_batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on CPU")
-            wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
+        self._built = self._assemble(student, args)  # handed to the Trainer (directly, or as its model_init's first)
         super().__init__(
-            model=wrapped,
+            model=None if model_init is not None else self._built,
+            model_init=self._trial_model if model_init is not None else None,
             args=args,
             data_collator=data_collator or collate_images,
             train_dataset=train_dataset,
@@ -307,6 +308,136 @@ class DistillationTrainer(Trainer):
         self.teachers.to(device=args.teacher_device or self.args.device, dtype=self._teacher_dtype())
         if args.teacher_sharding == "fsdp" and len(self.teachers):
             self._shard_teachers()
+
+    def _assemble(self, student: nn.Module, args) -> "DistillationModel":
+        """The trained container for a student: the method set up on it, the teachers' input adapters and
+        taps for it, the method's extra modules built from a dry forward."""
+        self.student_spec = input_spec(student)
+        self.method.setup(student, list(self.teachers.models))
+        self.teachers = self.teachers.rebuilt(self.student_spec, self.method.teacher_layers())
+        for line in self.teachers.describe_inputs():
+            logger.info(line)
+        extras = self.method.build_modules(student, list(self.teachers.models), self._probe(student))
+        wrapped = DistillationModel(student, extras, self.method, self.method.student_layers())
+        if args.sync_batchnorm and args.world_size > 1:
+            if args.device.type != "cuda":
+                raise ValueError("sync_batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on CPU")
+            wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
+        return wrapped
+
+    # ------------------------------------------------------------------ model_init and hyperparameter search
+    def _new_student(self, trial) -> nn.Module:
+        from transformers.trainer_utils import number_of_arguments
+
+        student = self._student_init(trial) if number_of_arguments(self._student_init) == 1 else self._student_init()
+        if isinstance(student, str):
+            student = load_model(student)
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"model_init must return the student (an nn.Module or a name), got {type(student).__name__}")
+        return student
+
+    def _trial_model(self, trial=None) -> "DistillationModel":
+        """The Trainer's model_init: a fresh student (the user's model_init) in a fresh container, the method
+        rebuilt from the trial's arguments. The teachers and the teacher-output cache are kept: loaded once."""
+        if self._built is not None:  # the one __init__ built, for the Trainer's own first call
+            built, self._built = self._built, None
+            return built
+        args = self.args
+        if trial is not None and self.hp_search_backend is not None:
+            self._apply_trial(trial)  # the Trainer sets them only after this call; the container depends on them
+            set_seed(args.seed)
+        student = self._new_student(trial)
+        self.method = get_method(args.distill_method)(args)
+        if self.method.student_output == "logits":
+            check_label_spaces(student, list(self.teachers.models))
+        self.mixer = self._mixing(args, student, list(self.teachers.models), self.train_dataset)[0]
+        self._term_sums, self._term_counts, self.last_loss_terms = {}, defaultdict(int), {}
+        self._schedule_values = {}
+        return self._assemble(student, args)
+
+    def _apply_trial(self, trial) -> None:
+        from transformers.trainer_utils import HPSearchBackend
+
+        if self.hp_search_backend == HPSearchBackend.OPTUNA:
+            params = dict(self.hp_space(trial))
+        else:
+            params = {k: v for k, v in dict(trial).items() if k != "wandb"}
+        for key, value in params.items():
+            if not hasattr(self.args, key):
+                raise ValueError(f"the search space sets '{key}', which is not an argument of "
+                                 "DistillationTrainingArguments")
+            old = getattr(self.args, key)
+            self._search_defaults.setdefault(key, old)
+            if old is not None and not isinstance(old, bool) and isinstance(old, (int, float, str)):
+                value = type(old)(value)  # as the Trainer casts them
+            setattr(self.args, key, value)
+        if "alpha" in params and not get_method(self.args.distill_method).uses_alpha:
+            raise ValueError(f"the search space sets alpha, which distill_method='{self.args.distill_method}' does "
+                             "not use")
+        self.args.check_distillation()
+        self._trial_params = params
+        logger.info("trial %s: %s", getattr(trial, "number", ""), params)
+
+    def hyperparameter_search(self, hp_space=None, compute_objective=None, n_trials: int = 20, direction=None,
+                              backend=None, hp_name=None, metric: str | None = None, **kwargs):
+        """``Trainer.hyperparameter_search`` (Optuna or Ray Tune) over distillation and Trainer arguments.
+
+        ``hp_space``: a search space dict (:mod:`hf_distill.search` format), or the Trainer's function of a
+        trial; default: the learning rate and the method's own weights (``temperature``, ``alpha``, ...).
+        The objective defaults to the student's ``eval_accuracy`` (label-free: ``eval_knn_accuracy``, else
+        ``eval_feature_cosine``), maximised; ``metric`` names another evaluation metric (``loss`` minimised).
+        The student (``model_init``) and the method's extra modules are rebuilt each trial; the teachers
+        and the teacher-output cache are loaded once and shared. ``search_trials`` lists each trial's
+        parameters and metrics (Optuna; Ray Tune reports them in ``best_run.run_summary``), and the
+        arguments are restored afterwards.
+        """
+        from .search import SearchSpace, available_backend, check_backend, default_search_space, metric_objective
+
+        if self._student_init is None:
+            raise ValueError("hyperparameter_search rebuilds the student for every trial: pass it as model_init= "
+                             "(a function returning a fresh student) instead of model=")
+        if self.eval_dataset is None:
+            raise ValueError("hyperparameter_search compares trials on the evaluation set: pass eval_dataset=")
+        backend = str(getattr(backend, "value", backend) or available_backend())
+        check_backend(backend)
+        if not callable(hp_space):
+            space = SearchSpace.from_dict(hp_space or default_search_space(self.method, self.args), type(self.args))
+            logger.info("search space: %s", space.describe())
+            hp_space = space.for_backend(backend)
+        objective, default_direction = metric_objective(metric)
+        if compute_objective is None:
+            compute_objective, direction = objective, direction or default_direction
+        direction = direction or "minimize"  # the Trainer's default for a compute_objective of one's own
+        records = self.search_trials = []
+        self._trial_params = {}
+
+        def recorded(metrics):  # every evaluation of a trial reports here; its last one is kept
+            value = compute_objective(metrics)
+            entry = {"trial": len(records) if self._trial_params is not None else len(records) - 1,
+                     "params": dict(self._trial_params or records[-1]["params"]), "step": self.state.global_step,
+                     "metrics": dict(metrics), "objective": value}
+            if self._trial_params is None:
+                records[-1] = entry
+            else:
+                records.append(entry)
+                self._trial_params = None  # later evaluations of this trial replace its entry
+            return value
+
+        if backend == "ray":
+            kwargs.setdefault("storage_path", os.path.abspath(os.path.join(self.args.output_dir, "ray_results")))
+            # Ray pickles the trainer for its workers; accelerate's shared gradient state still holds weak
+            # references to loaders of earlier runs in this process (one stopped at max_steps mid-epoch is never
+            # unregistered), which cannot be pickled. No loader is running now: forget them.
+            self.accelerator.gradient_state.dataloader_references = [None]
+        self._search_defaults = {}
+        try:
+            best = super().hyperparameter_search(hp_space, recorded, n_trials, direction, backend, hp_name, **kwargs)
+        finally:
+            for key, value in self._search_defaults.items():  # the arguments as they were before the search
+                setattr(self.args, key, value)
+            if self.model is None:  # Ray Tune leaves the Trainer without a model
+                self.model = self.model_wrapped = self._trial_model()
+        return best
 
     def _shard_teachers(self) -> None:
         """FSDP2 over all processes for every teacher (after the cast to teacher_dtype: the shards are half precision)."""

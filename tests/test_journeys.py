@@ -83,7 +83,7 @@ def ws(tmp_path_factory):
 
 def test_help_lists_the_commands_and_the_distillation_flags_first(ws):
     top = ok(run(["--help"], ws)).stdout
-    for command in ("train", "cache-teacher", "layers", "demo"):
+    for command in ("train", "cache-teacher", "search", "layers", "demo"):
         assert re.search(rf"^  {command}\s", top, re.M), command
     train = ok(run(["train", "--help"], ws)).stdout
     order = [train.index(g) for g in ("distillation:", "method options:", "model:", "data:",
@@ -133,6 +133,8 @@ def test_readme_commands_run_in_order(ws):
             env = None
             if args[0] == "cache-teacher":
                 args += ["--max_train_samples", "128"]
+            elif args[0] == "search":
+                args += SHORT_TRAIN + ["--n_trials", "2"]
             elif args[0] != "layers":
                 args += SHORT_TRAIN
             if "--push_to_hub" in args:
@@ -146,7 +148,11 @@ def test_readme_commands_run_in_order(ws):
                 assert all(token.encode() not in data for data in files.values())
             if args[0] == "layers":
                 assert "layer4" in proc.stdout
+            if args[0] == "search":  # two trials with their values, the best, and a config to train it
+                assert re.search(r"^trial 1: objective [\d.]+  temperature=", proc.stdout, re.M)
+                assert "best: objective" in proc.stdout and (ws / "outputs" / "kd_search" / "best.yaml").exists()
     assert (ws / "outputs" / "kd_cached" / "model.safetensors").exists()
+    assert (ws / "outputs" / "kd_search" / "best" / "model.safetensors").exists()  # best.yaml trained
 
 
 def test_readme_python_snippet_runs(ws):

@@ -65,6 +65,8 @@ class BeYourOwnTeacher(DistillationMethod):
     arguments = BYOTArguments
     needs_teacher = False
     default_temperature = 3.0
+    search_space = {"temperature": {"low": 1.0, "high": 6.0}, "byot_alpha": {"low": 0.1, "high": 0.9},
+                    "byot_feature_weight": {"low": 0.003, "high": 0.3, "log": True}}
     paper = ("Be Your Own Teacher: Improve the Performance of Convolutional Neural Networks via Self "
              "Distillation (Zhang et al., ICCV 2019)", "https://arxiv.org/abs/1905.08094")
 

@@ -30,6 +30,7 @@ class DIST(DistillationMethod):
     arguments = DISTArguments
     default_temperature = 1.0
     uses_alpha = False
+    search_space = {"temperature": {"low": 1.0, "high": 4.0}, "dist_weight": {"low": 0.5, "high": 4.0, "log": True}}
     alpha_instead = "its terms are weighed by dist_weight (the DIST term) and dist_ce_weight (the label CE)"
     standardizes_logits = False  # Pearson correlations are already blind to each row's offset
     paper = ("Knowledge Distillation from A Stronger Teacher (Huang et al., NeurIPS 2022)",

@@ -72,6 +72,7 @@ class FeatureDistillation(DistillationMethod):
     student_output = "features"
     teacher_output = "features"
     uses_alpha = False
+    search_space = {"feature_spatial_weight": {"low": 0.25, "high": 4.0, "log": True}}
     alpha_instead = "its terms are weighed by feature_summary_weight, feature_spatial_weight and " \
                     "feature_teacher_weights"
     standardizes_logits = False

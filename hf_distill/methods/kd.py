@@ -61,6 +61,7 @@ class FunctionMatching(KnowledgeDistillation):
     name = "function_matching"
     default_temperature = 1.0
     preset = {"alpha": 1.0, "mixup_alpha": 1.0}
+    search_space = {"temperature": {"low": 0.5, "high": 4.0, "log": True}}  # alpha 1: no labels
     paper = ("Knowledge distillation: A good teacher is patient and consistent (Beyer et al., CVPR 2022)",
              "https://arxiv.org/abs/2106.05237")
 
@@ -76,6 +77,7 @@ class Supervised(DistillationMethod):
     uses_teacher = False
     uses_alpha = False
     alpha_instead = "it trains on the labels alone"
+    search_space = {}
     standardizes_logits = False
 
     def loss(self, out: StepOutputs):

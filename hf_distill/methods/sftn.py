@@ -119,6 +119,7 @@ class SFTN(DistillationMethod):
     uses_teacher = False
     default_temperature = 1.0
     uses_alpha = False
+    search_space = {"sftn_lambda_kl": {"low": 0.3, "high": 3.0, "log": True}}
     alpha_instead = "its terms are weighed by sftn_lambda_teacher, sftn_lambda_kl and sftn_lambda_ce"
     standardizes_logits = False
     paper = ("Learning Student-Friendly Teacher Networks for Knowledge Distillation (Park et al., NeurIPS 2021)",
