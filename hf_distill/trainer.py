@@ -305,9 +305,14 @@ class DistillationTrainer(Trainer):
         self.label_names = ["labels"]
         # compute_loss returns a per-batch mean, so the Trainer scales it for accumulation.
         self.model_accepts_loss_kwargs = False
-        self.teachers.to(device=args.teacher_device or self.args.device, dtype=self._teacher_dtype())
-        if args.teacher_sharding == "fsdp" and len(self.teachers):
+        if args.teacher_sharding == "fsdp" and len(self.teachers) and self.accelerator.num_processes > 1:
+            # cast where the teachers are (host memory), then shard: fully_shard moves one block at a time to
+            # the device and keeps its shard there, so a whole teacher is never on one device
+            self.teachers.to(dtype=self._teacher_dtype())
             self._shard_teachers()
+        elif args.teacher_sharding == "fsdp" and len(self.teachers):
+            logger.warning("teacher_sharding='fsdp' with a single process: the teacher stays whole")
+        self.teachers.to(device=args.teacher_device or self.args.device, dtype=self._teacher_dtype())
 
     def _assemble(self, student: nn.Module, args) -> "DistillationModel":
         """The trained container for a student: the method set up on it, the teachers' input adapters and
@@ -442,9 +447,6 @@ class DistillationTrainer(Trainer):
     def _shard_teachers(self) -> None:
         """FSDP2 over all processes for every teacher (after the cast to teacher_dtype: the shards are half precision)."""
         world = self.accelerator.num_processes
-        if world == 1:
-            logger.warning("teacher_sharding='fsdp' with a single process: the teacher stays whole")
-            return
         from torch.distributed.device_mesh import init_device_mesh
 
         from .sharding import local_parameter_count, shard_teacher
