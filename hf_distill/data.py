@@ -249,7 +249,8 @@ def collate_images(examples: list[dict]) -> dict[str, torch.Tensor]:
     """Stack ``pixel_values`` and ``labels`` (accepts ``label`` too; none for unlabelled data) into a batch.
 
     Examples whose image could not be read (``pixel_values`` None) are dropped. ``teacher_logits``
-    (cached soft labels, see :mod:`hf_distill.teacher_cache`) are stacked too.
+    (cached soft labels, see :mod:`hf_distill.teacher_cache`) and cached ``teacher_features/...`` are
+    stacked too.
     """
     kept = [e for e in examples if e.get("pixel_values") is not None]
     if not kept:
@@ -266,4 +267,7 @@ def collate_images(examples: list[dict]) -> dict[str, torch.Tensor]:
             batch[key] = torch.as_tensor(np.asarray([e[key] for e in examples]))
     if "teacher_logits" in examples[0]:
         batch["teacher_logits"] = torch.stack([torch.as_tensor(e["teacher_logits"]) for e in examples]).float()
+    for key in examples[0]:  # cached teacher features ("teacher_features/<teacher>/<target>")
+        if key.startswith("teacher_features/"):
+            batch[key] = torch.stack([torch.as_tensor(e[key]) for e in examples]).float()
     return batch

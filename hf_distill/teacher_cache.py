@@ -274,7 +274,7 @@ def _check_raw_dataset(dataset, image_column: str, label_column: str) -> None:
                                 "and replayed by index): a stream (streaming=True) cannot be cached; train with a "
                                 "live teacher, or load the data without streaming")
     for col in (image_column, label_column):
-        if col not in dataset.column_names:
+        if col is not None and col not in dataset.column_names:
             raise ValueError(f"column '{col}' not in the dataset; columns: {dataset.column_names}")
     fmt = getattr(dataset, "format", {}) or {}
     if fmt.get("type") is not None:
@@ -361,7 +361,8 @@ def _remove_cache_files(cache_dir: str) -> None:
             os.remove(os.path.join(cache_dir, name))
 
 
-def _features(num_classes: int, top_k: int | None, mixed: bool = False):
+def _features(num_classes: int, top_k: int | None, mixed: bool = False, feature_shapes=None,
+              feature_dtype: str = "float16"):
     from datasets import Features, List, Value
 
     cols = {
@@ -372,7 +373,11 @@ def _features(num_classes: int, top_k: int | None, mixed: bool = False):
     if mixed:
         cols.update(position=Value("int64"), mix_lam=Value("float64"), mix_partner=Value("int64"),
                     mix_box=List(Value("int32"), length=4))
-    if top_k:
+    if feature_shapes is not None:  # per teacher: its summary vector and its (flattened) spatial map
+        for i, shapes in enumerate(feature_shapes):
+            for target, shape in shapes.items():
+                cols[f"{target}_{i}"] = List(Value(feature_dtype), length=int(np.prod(shape)))
+    elif top_k:
         cols.update(topk_values=List(Value("float32"), length=top_k), topk_indices=List(Value("int32"), length=top_k),
                     tail_logsumexp=Value("float32"))
     else:
@@ -429,8 +434,13 @@ def build_teacher_cache(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     on_shard_written: Callable[[int], None] | None = None,
+    outputs: str = "logits",
+    feature_targets: Sequence[str] = ("summary", "spatial"),
+    feature_grid: int | None = None,
+    feature_dtype: str = "float16",
 ) -> "TeacherCache":
-    """Run the teacher(s) once over ``dataset`` (per epoch for random views) and store their logits.
+    """Run the teacher(s) once over ``dataset`` (per epoch for random views) and store their logits
+    (or, ``outputs="features"``, their backbone features).
 
     Args:
         teachers: a teacher module or several (their logits are averaged). They are frozen.
@@ -456,6 +466,15 @@ def build_teacher_cache(
         overwrite: rebuild from scratch when ``cache_dir`` holds a cache built from other inputs
             (otherwise that raises :class:`TeacherCacheError`).
         on_shard_written: called with the shard number after each shard this process wrote.
+        outputs: ``"logits"`` (the mean of the teachers' logits) or ``"features"`` (for
+            ``distill_method="feature"``: each teacher's backbone features,
+            :func:`hf_distill.features.backbone_features`, stored per teacher).
+        feature_targets: with features, which to store: ``"summary"`` (a vector per image) and/or
+            ``"spatial"`` (the teacher's map or patch grid).
+        feature_grid: with features, average-pool each spatial map to at most this many cells a side
+            (a 16x16 ViT-L grid is 512 KB per view in float16, 8x8 is 128 KB); ``None`` keeps it whole.
+            The student then learns the pooled map.
+        feature_dtype: ``"float16"`` (half the disk; relative rounding ~5e-4) or ``"float32"`` (exact).
 
     Returns the complete :class:`TeacherCache`. A build that stops early leaves a manifest with
     status ``"partial"`` and its complete shards; calling again with the same inputs resumes. Under
@@ -476,6 +495,20 @@ def build_teacher_cache(
     if int(seed) < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     mixing = mixing if mixing is not None and mixing.enabled else None
+    if outputs not in ("logits", "features"):
+        raise ValueError(f"outputs must be 'logits' or 'features', got '{outputs}'")
+    if outputs == "features":
+        from .features import targets_of
+
+        feature_targets = targets_of(list(feature_targets))
+        if top_k or mixing is not None:
+            raise ValueError("a feature cache stores each view's features: top_k and mixup / CutMix apply to logits")
+        if feature_dtype not in ("float16", "float32"):
+            raise ValueError(f"feature_dtype must be 'float16' or 'float32', got '{feature_dtype}'")
+        if feature_grid is not None and int(feature_grid) < 1:
+            raise ValueError(f"feature_grid must be >= 1 or None, got {feature_grid}")
+        if label_column == "label" and "label" not in dataset.column_names:
+            label_column = None  # the default name and no such column: unlabelled images
     _check_raw_dataset(dataset, image_column, label_column)
     n = len(dataset)
     if n == 0:
@@ -502,6 +535,9 @@ def build_teacher_cache(
     }
     if mixing is not None:
         config["mixing"] = {**mixing.to_dict(), "seed": int(seed), "order": "numpy.default_rng([seed, epoch])"}
+    if outputs == "features":
+        config.update(outputs="features", feature_targets=list(feature_targets),
+                      feature_grid=int(feature_grid) if feature_grid else None, feature_dtype=feature_dtype)
     plan = _shard_plan(config, n)
     num_entries = stored_epochs * n
 
@@ -522,7 +558,13 @@ def build_teacher_cache(
         logger.info("teacher cache in %s is complete; nothing to do", cache_dir)
         return load_teacher_cache(cache_dir)
     reading = without_image_decoding(dataset, image_column)
-    num_classes = _num_classes(teachers, reading, student_spec, augmentation, seed, image_column)
+    shapes = None
+    if outputs == "features":
+        num_classes = None
+        shapes = _feature_shapes(teachers, reading, student_spec, augmentation, seed, image_column, feature_targets,
+                                 config["feature_grid"])
+    else:
+        num_classes = _num_classes(teachers, reading, student_spec, augmentation, seed, image_column)
     if top_k is not None and int(top_k) >= num_classes:
         raise ValueError(f"top_k={top_k} must be smaller than the number of classes ({num_classes})")
     if manifest is None:
@@ -531,6 +573,8 @@ def build_teacher_cache(
             "num_classes": num_classes, "num_entries": num_entries, "num_shards": len(plan), "shards": [],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if shapes is not None:
+            manifest["feature_shapes"] = shapes
         state.wait_for_everyone()
         if state.is_main_process:
             _remove_cache_files(cache_dir)  # stray shards of a build killed before its first manifest
@@ -556,16 +600,23 @@ def build_teacher_cache(
         from .mixing import BatchMixer, EpochOrder
 
         mixer, order = BatchMixer(mixing, num_classes, seed), EpochOrder(n, seed)
-    features = _features(num_classes, config["top_k"], mixed=mixer is not None)
+    features = _features(num_classes, config["top_k"], mixed=mixer is not None, feature_shapes=shapes,
+                         feature_dtype=feature_dtype)
     for shard in mine:
         start, stop = plan[shard]
-        if mixer is None:
+        if shapes is not None:
+            data = _shard_rows(ensemble, reading, start, stop, n, int(batch_size), seed, student_spec, augmentation,
+                               image_column, label_column, device,
+                               outputs=lambda views: _teacher_features(ensemble, views, device, shapes, feature_dtype))
+        elif mixer is None:
             data = _shard_rows(ensemble, reading, start, stop, n, int(batch_size), seed, student_spec, augmentation,
                                image_column, label_column, device)
         else:
             data = _mixed_shard_rows(ensemble, reading, start, stop, n, int(batch_size), seed, student_spec,
                                      augmentation, image_column, label_column, device, mixer, order)
-        if config["top_k"]:
+        if shapes is not None:
+            pass  # feature columns are ready
+        elif config["top_k"]:
             values, indices, tail = _topk(data.pop("logits"), config["top_k"])
             data.update(topk_values=values.numpy(), topk_indices=indices.to(torch.int32).numpy(),
                         tail_logsumexp=tail.numpy())
@@ -653,6 +704,46 @@ def _teacher_logits(ensemble, views: list[torch.Tensor], device) -> torch.Tensor
     return (outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)).float().cpu()
 
 
+def _pooled(spatial: torch.Tensor, grid: int | None) -> torch.Tensor:
+    if grid is None or (spatial.shape[-2] <= grid and spatial.shape[-1] <= grid):
+        return spatial
+    return torch.nn.functional.adaptive_avg_pool2d(spatial.float(), (min(grid, spatial.shape[-2]),
+                                                                     min(grid, spatial.shape[-1])))
+
+
+def _feature_shapes(teachers, reading, spec, augmentation, seed, image_column, targets, grid) -> list[dict]:
+    """Per teacher, the shape of each stored target (``{"summary": [D], "spatial": [D, h, w]}``), from one forward
+    pass on the first image."""
+    from .data import decode_image
+
+    image = decode_image(reading[0][image_column])
+    view = render_view(image, draw_view_params(seed, 0, 0, image.width, image.height, augmentation), spec,
+                       augmentation)
+    ensemble = Teachers(teachers, spec)
+    device = next(ensemble.parameters()).device if next(ensemble.parameters(), None) is not None else "cpu"
+    shapes = []
+    for summary, spatial in ensemble.backbone_features(view.unsqueeze(0).to(device)):
+        found = {"summary": list(summary.shape[1:]), "spatial": list(_pooled(spatial, grid).shape[1:])}
+        shapes.append({t: found[t] for t in targets})
+    return shapes
+
+
+def _teacher_features(ensemble, views: list[torch.Tensor], device, shapes: list[dict], dtype: str) -> dict:
+    """Each teacher's stored feature columns for a batch of views: ``summary_<i>`` [B, D], ``spatial_<i>``
+    [B, D*h*w] (pooled to the stored grid), in the stored dtype."""
+    outs = ensemble.backbone_features(torch.stack(views).to(device))
+    grid_of = {i: s["spatial"][1:] for i, s in enumerate(shapes) if "spatial" in s}
+    cols = {}
+    for i, (summary, spatial) in enumerate(outs):
+        if "summary" in shapes[i]:
+            cols[f"summary_{i}"] = summary.float().cpu().numpy().astype(dtype)
+        if "spatial" in shapes[i]:
+            h, w = grid_of[i]
+            pooled = _pooled(spatial, max(h, w)) if tuple(spatial.shape[-2:]) != (h, w) else spatial
+            cols[f"spatial_{i}"] = pooled.float().cpu().reshape(len(views), -1).numpy().astype(dtype)
+    return cols
+
+
 def _views(reading, indices: list[int], epoch_of: list[int], seed: int, spec, augmentation, image_column,
            label_column, cols: dict) -> list[torch.Tensor]:
     """Rendered views of samples ``indices`` (one Arrow read), their columns appended to ``cols``.
@@ -661,8 +752,9 @@ def _views(reading, indices: list[int], epoch_of: list[int], seed: int, spec, au
     from .data import BadImageError, decode_image
 
     rows = reading[list(indices)]
+    labels = rows[label_column] if label_column is not None else [-1] * len(indices)  # -1: unlabelled
     views = []
-    for index, epoch, value, label in zip(indices, epoch_of, rows[image_column], rows[label_column]):
+    for index, epoch, value, label in zip(indices, epoch_of, rows[image_column], labels):
         try:
             image = decode_image(value)
         except BadImageError as err:
@@ -678,16 +770,21 @@ def _views(reading, indices: list[int], epoch_of: list[int], seed: int, spec, au
 
 
 def _shard_rows(ensemble, reading, start, stop, n, batch_size, seed, spec, augmentation, image_column, label_column,
-                device) -> dict:
-    """Entries ``start:stop`` (sample ``g % n`` of epoch ``g // n``): views and the teachers' logits."""
+                device, outputs=None) -> dict:
+    """Entries ``start:stop`` (sample ``g % n`` of epoch ``g // n``): views and the teachers' logits (or the
+    columns ``outputs(views)`` gives)."""
     cols: dict[str, list] = {key: [] for key in _VIEW_COLUMNS}
-    logits = []
+    parts = []
     for b0 in range(start, stop, batch_size):
         entries = [divmod(g, n) for g in range(b0, min(b0 + batch_size, stop))]
         views = _views(reading, [i for _, i in entries], [e for e, _ in entries], seed, spec, augmentation,
                        image_column, label_column, cols)
-        logits.append(_teacher_logits(ensemble, views, device))
-    return {**{key: np.asarray(v) for key, v in cols.items()}, "logits": torch.cat(logits)}
+        parts.append(outputs(views) if outputs is not None else {"logits": _teacher_logits(ensemble, views, device)})
+    out = {key: np.asarray(v) for key, v in cols.items()}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        out[key] = torch.cat(values) if isinstance(values[0], torch.Tensor) else np.concatenate(values)
+    return out
 
 
 def _mixed_shard_rows(ensemble, reading, start, stop, n, batch_size, seed, spec, augmentation, image_column,
@@ -732,7 +829,10 @@ class TeacherCache:
         self.cache_dir = cache_dir
         self.manifest = manifest
         self.config = manifest["config"]
-        self.num_classes: int = int(manifest["num_classes"])
+        self.outputs: str = self.config.get("outputs", "logits")  # or "features", per teacher
+        self.feature_shapes: list[dict] | None = manifest.get("feature_shapes")
+        self.feature_targets: list[str] = self.config.get("feature_targets", [])
+        self.num_classes: int | None = int(manifest["num_classes"]) if manifest.get("num_classes") else None
         self.top_k: int | None = self.config["top_k"]
         self.stored_epochs: int = int(self.config["stored_epochs"])
         self.num_samples: int = int(self.config["dataset"]["num_rows"])
@@ -752,8 +852,20 @@ class TeacherCache:
         return len(self.data)
 
     def __repr__(self) -> str:
+        what = (f"features={self.feature_targets}, teachers={len(self.feature_shapes)}" if self.outputs == "features"
+                else f"classes={self.num_classes}, top_k={self.top_k}")
         return (f"TeacherCache({self.cache_dir!r}, samples={self.num_samples}, epochs={self.stored_epochs}, "
-                f"classes={self.num_classes}, top_k={self.top_k}, augmentation={self.augmentation!r})")
+                f"{what}, augmentation={self.augmentation!r})")
+
+    def features_of(self, row: dict) -> dict[str, torch.Tensor]:
+        """A feature cache row's features as float32 tensors: ``{"<teacher index>/summary": [D],
+        "<teacher index>/spatial": [D, h, w]}``."""
+        out = {}
+        for i, shapes in enumerate(self.feature_shapes or []):
+            for target, shape in shapes.items():
+                out[f"{i}/{target}"] = torch.from_numpy(
+                    np.asarray(row[f"{target}_{i}"], dtype=np.float32).reshape(shape))
+        return out
 
     def _epoch_columns(self, e: int) -> dict[str, np.ndarray]:
         """One stored epoch's columns as arrays, read once: per-row Arrow formatting costs ~1 ms a row."""
@@ -816,7 +928,8 @@ class TeacherCache:
               teachers: nn.Module | Sequence[nn.Module] | None = None, teacher_id=None, teacher_revision=None,
               augmentation: str | None = None, seed: int | None = None, top_k: int | None = None,
               image_column: str | None = None, label_column: str | None = None, mixing=None,
-              batch_size: int | None = None) -> None:
+              batch_size: int | None = None, outputs: str | None = None,
+              feature_targets: Sequence[str] | None = None) -> None:
         """Raise :class:`TeacherCacheError` listing every difference from what is given (``None``: not checked)."""
         given: dict[str, Any] = {}
         if dataset is not None:
@@ -840,6 +953,10 @@ class TeacherCache:
             given.setdefault("transform", {})["seed"] = int(seed)
         if top_k is not None:
             given["top_k"] = int(top_k) or None
+        if outputs is not None and outputs != self.outputs:
+            given["outputs"] = outputs
+        if feature_targets is not None and not set(feature_targets) <= set(self.feature_targets):
+            given["feature_targets"] = list(feature_targets)
         if mixing is not None:
             wanted = mixing.to_dict() if mixing.enabled else None
             stored = {k: v for k, v in self.config["mixing"].items() if k in (wanted or {})} if self.mixed else None
@@ -850,7 +967,8 @@ class TeacherCache:
                     given["batch_size"] = int(batch_size)
                 if seed is not None:
                     given.setdefault("mixing", {})["seed"] = int(seed)
-        diff = _differences({**self.config, "mixing": self.config.get("mixing", "off")}, given)
+        diff = _differences({**self.config, "mixing": self.config.get("mixing", "off"), "outputs": self.outputs},
+                            given)
         if diff:
             raise TeacherCacheError(
                 f"the teacher cache in {self.cache_dir} does not match what it is used with:\n  - "
@@ -908,6 +1026,8 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
                  label_column: str = "label"):
         from .data import without_image_decoding
 
+        if label_column == "label" and "label" not in dataset.column_names:
+            label_column = None  # the default name and no such column: unlabelled images
         _check_raw_dataset(dataset, image_column, label_column)
         cache.check(dataset=dataset, student_spec=student_spec, image_column=image_column, label_column=label_column)
         self.dataset = dataset
@@ -934,17 +1054,20 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
         rows = [self.cache.entry(self.epoch, int(k)) for k in keys]
         indices = [int(row["index"]) for row in rows]
         batch = self._reading[indices]
+        labels = batch[self.label_column] if self.label_column is not None else [None] * len(indices)
         out = []
-        for index, row, value, label in zip(indices, rows, batch[self.image_column], batch[self.label_column]):
-            label = int(label)
-            if int(row["label"]) != label:
-                raise TeacherCacheError(
-                    f"sample {index}: the dataset's label is {label}, the cache's {int(row['label'])}")
-            item = {
-                "pixel_values": self.cache.render(decode_image(value), self.cache.params_of(row)),
-                "labels": label,
-                "teacher_logits": self.cache.logits_of(row),
-            }
+        for index, row, value, label in zip(indices, rows, batch[self.image_column], labels):
+            item = {"pixel_values": self.cache.render(decode_image(value), self.cache.params_of(row))}
+            if label is not None:
+                label = int(label)
+                if int(row["label"]) != label:
+                    raise TeacherCacheError(
+                        f"sample {index}: the dataset's label is {label}, the cache's {int(row['label'])}")
+                item["labels"] = label
+            if self.cache.outputs == "features":
+                item.update({f"teacher_features/{k}": v for k, v in self.cache.features_of(row).items()})
+            else:
+                item["teacher_logits"] = self.cache.logits_of(row)
             if self.cache.mixed:
                 item.update(mix_epoch=self.cache.cache_epoch(self.epoch), mix_position=int(row["position"]),
                             mix_lam=float(row["mix_lam"]), mix_partner=int(row["mix_partner"]),
@@ -958,9 +1081,13 @@ def with_teacher_cache(dataset, cache: TeacherCache | str | os.PathLike, student
     """The raw dataset as training data that carries cached teacher logits (``train_dataset=``).
 
     ``cache`` is a :class:`TeacherCache` or its folder; it must have been built from this dataset
-    and this student input spec. Add ``TeacherCacheCallback(dataset)`` to the trainer's callbacks
-    (needed with several processes, harmless otherwise).
+    and this student input spec. Items carry ``teacher_logits``, or for a feature cache
+    ``teacher_features/<teacher index>/<summary|spatial>``. The trainer sets the epoch itself.
     """
+    from .data import is_stream
+
+    if not is_stream(dataset) and label_column == "label" and "label" not in dataset.column_names:
+        label_column = None  # the default name and no such column: unlabelled images
     _check_raw_dataset(dataset, image_column, label_column)  # a stream is refused before the cache is opened
     if not isinstance(cache, TeacherCache):
         cache = load_teacher_cache(cache)

@@ -322,7 +322,9 @@ class DistillationTrainer(Trainer):
         self.teachers = self.teachers.rebuilt(self.student_spec, self.method.teacher_layers())
         for line in self.teachers.describe_inputs():
             logger.info(line)
-        extras = self.method.build_modules(student, list(self.teachers.models), self._probe(student))
+        probe = self._probe(student)
+        set_seed(args.seed)  # the extra modules start the same for the same seed, whatever ran before
+        extras = self.method.build_modules(student, list(self.teachers.models), probe)
         wrapped = DistillationModel(student, extras, self.method, self.method.student_layers())
         if args.sync_batchnorm and args.world_size > 1:
             if args.device.type != "cuda":
@@ -353,6 +355,8 @@ class DistillationTrainer(Trainer):
             set_seed(args.seed)
         student = self._new_student(trial)
         self.method = get_method(args.distill_method)(args)
+        if self.teacher_cache is not None:
+            self.method.check_teacher_cache(self.teacher_cache)
         if self.method.student_output == "logits":
             check_label_spaces(student, list(self.teachers.models))
         self.mixer = self._mixing(args, student, list(self.teachers.models), self.train_dataset)[0]
@@ -465,10 +469,11 @@ class DistillationTrainer(Trainer):
             return None
         from .teacher_cache import TeacherCacheDataset, load_teacher_cache
 
-        if self.method.teacher_layers() or self.method.teacher_output != "logits":
-            raise ValueError(f"distill_method='{args.distill_method}' needs teacher features, which a teacher-output "
-                             "cache does not hold (it stores logits): drop teacher_cache_dir, or use a logit method "
-                             "(kd, dkd, dist, noisy_teacher, function_matching)")
+        if self.method.teacher_layers():
+            raise ValueError(f"distill_method='{args.distill_method}' needs the teacher's intermediate features, which "
+                             "a teacher-output cache does not hold (it stores logits, or the backbone features of "
+                             "distill_method='feature'): drop teacher_cache_dir, or use a logit method (kd, dkd, dist, "
+                             "noisy_teacher, function_matching)")
         if not self.method.uses_teacher:
             raise ValueError(f"distill_method='{args.distill_method}' uses no teacher outputs: drop teacher_cache_dir")
         if args.teacher_ensemble == "random":
@@ -478,7 +483,12 @@ class DistillationTrainer(Trainer):
             raise ValueError("dataloader_persistent_workers would freeze the cached epoch in the workers (cached views "
                              "change every epoch): leave it off with teacher_cache_dir")
         cache = load_teacher_cache(args.teacher_cache_dir)  # refuses a missing or partial cache
-        self.method.check_teacher_cache(cache)  # what this objective needs from the stored logits
+        wanted = "features" if self.method.teacher_output == "features" else "logits"
+        if cache.outputs != wanted:
+            raise ValueError(f"the teacher cache in {args.teacher_cache_dir} holds the teachers' {cache.outputs}, but "
+                             f"distill_method='{args.distill_method}' learns their {wanted}: build a cache of "
+                             f"{wanted} (hf-distill cache-teacher --distill_method {args.distill_method})")
+        self.method.check_teacher_cache(cache)  # what this objective needs from the stored outputs
         if train_dataset is not None:
             if not isinstance(train_dataset, TeacherCacheDataset):
                 raise ValueError(
@@ -575,9 +585,12 @@ class DistillationTrainer(Trainer):
         spec = self.student_spec
         example = torch.zeros(2, spec.in_chans, *spec.image_size)
         if self.method.student_output == "features":
-            return {"student_features": feature_shapes(student, example)[:2],
-                    "teacher_features": [feature_shapes(t, self.teachers.prepare_input(i, example))[:2]
-                                         for i, t in enumerate(self.teachers.models)]}
+            teacher_widths = [feature_shapes(t, self.teachers.prepare_input(i, example))[:2]
+                              for i, t in enumerate(self.teachers.models)]
+            if not teacher_widths and self.teacher_cache is not None:  # trained from a feature cache alone
+                teacher_widths = [(s.get("summary", [0])[0], s.get("spatial", [0])[0])
+                                  for s in self.teacher_cache.feature_shapes]
+            return {"student_features": feature_shapes(student, example)[:2], "teacher_features": teacher_widths}
         if not (s_layers or t_layers):
             return {}
         probe = {"student": probe_features(student, s_layers, example), "teacher": {}}
@@ -659,8 +672,17 @@ class DistillationTrainer(Trainer):
         "<key>/spatial"}`` (keys as the method names the teachers)."""
         with self.accelerator.autocast():
             outs = self.teachers.backbone_features(pixel_values)
-        return {f"{key}/{name}": value for key, (summary, spatial) in zip(self.method.keys, outs)
+        # contiguous, as a feature cache gives them back: the loss then rounds the same way either way
+        return {f"{key}/{name}": value.contiguous() for key, (summary, spatial) in zip(self.method.keys, outs)
                 for name, value in (("summary", summary), ("spatial", spatial))}
+
+    def _cached_feature_maps(self, inputs) -> dict[str, torch.Tensor] | None:
+        """The teachers' features read from a feature cache (``teacher_features/<i>/<target>``), named as
+        :meth:`teacher_feature_maps` names them; None when the batch carries none."""
+        if "teacher_features/0/" + self.method.targets[0] not in inputs:
+            return None
+        return {f"{key}/{target}": inputs[f"teacher_features/{i}/{target}"]
+                for i, key in enumerate(self.method.keys) for target in self.method.targets}
 
     def _perturb(self, outs: list[torch.Tensor]) -> torch.Tensor:
         """Noisy-teacher perturbation of each teacher's logits (training only), then their mean."""
@@ -686,7 +708,10 @@ class DistillationTrainer(Trainer):
             out = model(pixel_values=pixel_values)
         cached = inputs.get("teacher_logits")
         if self.method.teacher_output == "features":
-            teacher_logits, teacher_features = None, self.teacher_feature_maps(pixel_values)
+            cached_features = self._cached_feature_maps(inputs) if model.training else None
+            teacher_logits = None
+            teacher_features = cached_features if cached_features is not None else self.teacher_feature_maps(
+                pixel_values)
         elif cached is not None and model.training and self.method.uses_teacher and not self.method.teacher_layers():
             # soft labels read from a teacher-output cache: the teacher does not run at all
             teacher_logits, teacher_features = self._perturb([cached.float()]), {}

@@ -340,6 +340,6 @@ def test_refusals(digits, unlabelled, make_args, tmp_path):
         make_args(distill_method="feature", feature_targets=["logits"])
     raw = digits["train"].select(range(16))
     build_teacher_cache(tiny_timm(seed=2), raw, tiny_spec(), tmp_path / "c", batch_size=16)
-    with pytest.raises(ValueError, match="needs teacher features, which a teacher-output cache does not hold"):
+    with pytest.raises(ValueError, match="holds the teachers' logits, but distill_method='feature' learns their"):
         DistillationTrainer(model=_student(), args=make_args(distill_method="feature",
                                                              teacher_cache_dir=str(tmp_path / "c")))

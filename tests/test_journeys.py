@@ -289,3 +289,33 @@ def test_streaming_an_image_folder_with_split_folders(ws):
     assert "on a stream of images (split_images); evaluating on 30 images" in proc.stdout
     assert_trained(out, 3, {"loss_ce", "loss_kd"}, proc.stdout)
     assert "'eval_teacher_accuracy'" in proc.stdout
+
+
+def test_feature_cache_built_once_then_training_without_the_teacher(ws):
+    """`cache-teacher --distill_method feature` on unlabelled images (pooled spatial map, float16), then a run
+    that reads the features from the cache and loads no teacher."""
+    from hf_distill import load_model
+    from hf_distill.teacher_cache import load_teacher_cache
+
+    root = ws / "unlabelled_for_cache"
+    if not root.exists():
+        from hf_distill.data import digits_dataset
+
+        root.mkdir()
+        for i, image in enumerate(digits_dataset()["train"].select(range(64))["image"]):
+            image.resize((24, 24)).save(root / f"{i:04d}.png")
+    common = ["--distill_method", "feature", "--student_model_name_or_path", "resnet10t", "--no_student_pretrained",
+              "--in_chans", "1", "--image_size", "32", "--dataset_name", "unlabelled_for_cache",
+              "--per_device_train_batch_size", "16", "--report_to", "none", "--use_cpu"]
+    cache_dir = ws / "outputs" / "feature_cache"
+    proc = ok(run(["cache-teacher", *common, "--teacher_model_name_or_path", TEACHER, "--teacher_cache_dir",
+                   str(cache_dir), "--feature_grid", "1"], ws))
+    assert "teacher cache ready" in proc.stdout
+    cache = load_teacher_cache(cache_dir)
+    assert cache.outputs == "features" and cache.feature_shapes[0]["spatial"][1:] == [1, 1]
+    out = ws / "outputs" / "from_feature_cache"
+    proc = ok(run(["train", *common, "--teacher_cache_dir", str(cache_dir), "--max_steps", "3", "--logging_steps", "1",
+                   "--output_dir", str(out)], ws))
+    logs = logged(proc.stdout)
+    assert any("loss_summary_teacher" in h and "loss_spatial_teacher" in h for h in logs)
+    assert load_model(str(out), backbone=True).num_classes == 0

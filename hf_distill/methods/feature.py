@@ -83,6 +83,7 @@ class FeatureDistillation(DistillationMethod):
         super().__init__(args)
         self.targets = targets_of(args.feature_targets) if args.distill_method == self.name else []
         self.keys: list[str] = []
+        self._cached_teachers: list[str] = []  # the teachers of a feature cache, when no teacher is loaded
 
     @classmethod
     def validate(cls, args) -> None:
@@ -102,14 +103,24 @@ class FeatureDistillation(DistillationMethod):
     def labels_needed(self) -> bool:
         return False
 
-    def setup(self, student, teachers) -> None:
-        from ..models import display_name
+    def check_teacher_cache(self, cache) -> None:
+        """A feature cache must hold every target this run learns; its teachers name the terms when no teacher
+        is loaded."""
+        missing = [t for t in self.targets if t not in cache.feature_targets]
+        if missing:
+            raise ValueError(f"the feature cache in {cache.cache_dir} holds {cache.feature_targets}, not {missing}: "
+                             f"rebuild it with those targets, or train on feature_targets={cache.feature_targets}")
+        self._cached_teachers = list(cache.config["teacher_id"])
 
-        self.keys = teacher_keys([display_name(t) for t in teachers])
+    def setup(self, student, teachers) -> None:
+        from ..models import display_name, short_name
+
+        names = [display_name(t) for t in teachers] or [short_name(n) for n in self._cached_teachers]
+        self.keys = teacher_keys(names)
         weights = self.args.feature_teacher_weights
-        if weights is not None and len(weights) != len(teachers):
-            raise ValueError(f"feature_teacher_weights has {len(weights)} values for {len(teachers)} teachers")
-        self.weights = list(weights) if weights is not None else [1.0] * len(teachers)
+        if weights is not None and len(weights) != len(names):
+            raise ValueError(f"feature_teacher_weights has {len(weights)} values for {len(names)} teachers")
+        self.weights = list(weights) if weights is not None else [1.0] * len(names)
 
     def build_modules(self, student, teachers, probe):
         """One adaptor per teacher and target, built from the widths the probe found, and the standardisers."""
