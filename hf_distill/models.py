@@ -560,8 +560,13 @@ def _load_transformers(name, num_labels, revision, cache_dir, token, pretrained=
         if _is_offline_error(err):
             raise ModelLoadError(_offline_message(name, revision)) from err
         raise
+    return _with_processor(model, AutoImageProcessor, name, hub_kw)
+
+
+def _with_processor(model: nn.Module, processor_class, name: str, hub_kw: dict) -> nn.Module:
+    """The model with its saved image processor attached (its input spec), when there is one."""
     try:
-        model.hf_distill_image_processor = AutoImageProcessor.from_pretrained(name, **hub_kw)
+        model.hf_distill_image_processor = processor_class.from_pretrained(name, **hub_kw)
     except (OSError, ValueError):
         pass  # no processor saved: the spec falls back to the config's defaults
     return model
@@ -583,11 +588,7 @@ def _load_transformers_backbone(name, revision, cache_dir, token, pretrained, au
         if _is_offline_error(err):
             raise ModelLoadError(_offline_message(name, revision)) from err
         raise
-    try:
-        model.hf_distill_image_processor = auto_processor.from_pretrained(name, **hub_kw)
-    except (OSError, ValueError):
-        pass
-    return model
+    return _with_processor(model, auto_processor, name, hub_kw)
 
 
 def _is_offline_error(err: BaseException) -> bool:
