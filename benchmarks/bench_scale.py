@@ -247,9 +247,12 @@ def report(results: dict) -> str:
                          f"{r['rss_before_train_mib']:.0f} / {r['rss_after_train_mib']:.0f} | "
                          f"{r['peak_rss_mib']:.0f} | {r['step_s']:.3f} |")
         lines += ["", "RSS: the process's resident memory after garbage collection and `malloc_trim` (freed "
-                  "memory handed back). Peak RSS includes the whole teacher each process builds before sharding "
-                  "it and the transient copies of sharding and of each gathered block (glibc keeps freed memory), "
-                  "so on CPU it is higher when sharded; on GPUs the shards are what stays allocated.", ""]
+                  "memory handed back to the OS). Peak RSS: the most the process ever held. Every process builds "
+                  "the whole teacher before sharding it (peak before training: "
+                  + ", ".join(f"{r['peak_rss_before_train_mib']:.0f}" for r in results["sharded"]) + " MiB in the "
+                  "rows' order). During training the sharded runs' peak rises: each forward gathers one block at a "
+                  "time and frees it (checked: every block is resharded, unsharded storage 0 bytes), but glibc keeps "
+                  "the freed gather buffers until `malloc_trim`. On GPUs PyTorch's caching allocator reuses them.", ""]
     if "cache" in results:
         by = {n: [r["images_per_s"] for r in results["cache"] if r["processes"] == n] for n in (1, 2)}
         lines += ["## Teacher-output cache build (digits train, 1437 images, ResNet-18 at 64px)", "",
