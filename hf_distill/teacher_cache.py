@@ -429,7 +429,7 @@ def build_teacher_cache(
     teacher_revision: str | None = None,
     image_column: str = "image",
     label_column: str = "label",
-    shard_size: int = 10_000,
+    shard_size: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
@@ -461,7 +461,9 @@ def build_teacher_cache(
             stored with the mixing (partner, lambda, box).
         teacher_id / teacher_revision: what the teacher was loaded from (recorded, checked by
             :func:`load_teacher_cache`); default: the teachers' names.
-        shard_size: entries per Arrow shard (the unit of resuming; whole batches with ``mixing``).
+        shard_size: entries per Arrow shard (the unit of resuming and of splitting the work between
+            processes; whole batches with ``mixing``). Default: about 1/64 of the entries, in whole
+            batches, between one batch and 10,000 entries, so up to 64 processes share even a small build.
         device / dtype: where and in which dtype the teachers run (default: their device, float32).
         overwrite: rebuild from scratch when ``cache_dir`` holds a cache built from other inputs
             (otherwise that raises :class:`TeacherCacheError`).
@@ -488,7 +490,7 @@ def build_teacher_cache(
         raise ValueError("build_teacher_cache needs at least one teacher")
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got '{augmentation}'")
-    if int(epochs) < 1 or int(batch_size) < 1 or int(shard_size) < 1:
+    if int(epochs) < 1 or int(batch_size) < 1 or (shard_size is not None and int(shard_size) < 1):
         raise ValueError("epochs, batch_size and shard_size must be >= 1")
     if top_k is not None and int(top_k) < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
@@ -519,6 +521,8 @@ def build_teacher_cache(
         os.makedirs(cache_dir, exist_ok=True)
 
     stored_epochs = 1 if augmentation == "none" and mixing is None else int(epochs)
+    if shard_size is None:
+        shard_size = default_shard_size(stored_epochs * n, int(batch_size))
     config = {
         "teachers": _teacher_entries(teachers),
         "teacher_id": _as_id_list(teacher_id) or [model_name(t) for t in teachers],
@@ -650,6 +654,13 @@ def _process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
+
+
+def default_shard_size(num_entries: int, batch_size: int) -> int:
+    """About 1/64 of the entries in whole batches (work for up to 64 builders, fine-grained resuming),
+    at least one batch, at most 10,000 entries (or one batch when that is larger)."""
+    batches = -(-max(1, -(-num_entries // 64)) // batch_size)
+    return max(batch_size, min(batches * batch_size, 10_000 // batch_size * batch_size))
 
 
 def _shard_plan(config: dict, n: int) -> list[tuple[int, int]]:

@@ -11,6 +11,7 @@ from hf_distill import DistillationTrainer
 from hf_distill.data import with_image_transform
 from hf_distill.teacher import Teachers
 from hf_distill.teacher_cache import (
+    default_shard_size,
     MANIFEST_NAME,
     TeacherCacheCallback,
     TeacherCacheDataset,
@@ -46,6 +47,16 @@ def _in_build_batches(fn, x, n, shard_size, batch_size):
 
 def _stack(ds, indices, key):
     return torch.stack([torch.as_tensor(ds[i][key]) for i in indices])
+
+
+def test_default_shard_size_gives_several_builders_work(raw, tmp_path):
+    # a small build still splits into many shards (one per process would leave the others idle)
+    assert default_shard_size(1437, 64) == 64 and default_shard_size(14_370, 64) == 256
+    assert default_shard_size(12_800_000, 256) == 9984  # capped near 10,000 entries, whole batches
+    assert default_shard_size(10, 20_000) == 20_000  # never less than one batch
+    build_teacher_cache(tiny_timm(seed=2), raw[48], tiny_spec(), tmp_path / "c", batch_size=8)
+    manifest = json.loads((tmp_path / "c" / MANIFEST_NAME).read_text())
+    assert manifest["config"]["shard_size"] == 8 and manifest["num_shards"] == 6
 
 
 def test_deterministic_views_cache_equals_live_teachers_bitwise(raw, tmp_path):
