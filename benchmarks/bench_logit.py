@@ -102,6 +102,7 @@ CONFIGS: dict[str, tuple[str, dict, str]] = {
     **{kd_key(t, a): ("kd", dict(temperature=t, alpha=a), f"KD T={t:g}, alpha={a:g}") for t, a in KD_GRID},
     "dkd": ("dkd", {}, "DKD defaults (alpha 1, beta 8, T 4, warm-up 20 epochs = whole budget)"),
     "dkd_w2": ("dkd", dict(dkd_warmup_epochs=2.0), "DKD, warm-up 2 epochs (alpha 1, beta 8, T 4)"),
+    "dkd_w2_b1": ("dkd", dict(dkd_warmup_epochs=2.0, dkd_beta=1.0), "DKD, warm-up 2 epochs, beta 1 (alpha 1, T 4)"),
     "dist": ("dist", {}, "DIST defaults (beta = gamma = 1, weight 2, CE 1, T 1)"),
     "kd_ls_T2_a0.9": ("kd", dict(temperature=2.0, alpha=0.9, logit_standardization=True),
                       "KD + logit standardisation, T=2, alpha=0.9"),
@@ -117,7 +118,7 @@ EXPERIMENTS = {
                  configs=["alone", *[kd_key(t, a) for t, a in KD_GRID], "dkd", "dkd_w2", "dist", "kd_ls_T2_a0.9",
                           "hard_a0.5", "kd_ls_T2_paper"]),
     "strong": dict(student="small_cnn", c1=4, c2=8,
-                   configs=["alone", *[kd_key(t, a) for t, a in KD_GRID], "dist", "dkd_w2"]),
+                   configs=["alone", *[kd_key(t, a) for t, a in KD_GRID], "dist", "dkd_w2", "dkd_w2_b1"]),
     "deit": dict(student="deit", **DEIT, configs=["alone", kd_key(4.0, 0.5), "hard_a0.5"]),
 }
 # the same data, budget and recipe for every experiment (the FitNets benchmark's)
@@ -140,6 +141,21 @@ def make_student(s: dict, seed: int):
     raise ValueError(s["student"])
 
 
+def code_state() -> dict:
+    """Git commit, uncommitted library files and a hash of the library's source as this process loaded it
+    (the library is developed while the sweeps run: each run records the code it trained with)."""
+    import hashlib
+
+    import hf_distill
+
+    root = Path(hf_distill.__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return {**git_state(), "hf_distill_sha256": h.hexdigest()[:16]}
+
+
 def teacher_info() -> dict:
     p = teacher_dir(TEACHER) / "bench_info.json"
     if not p.exists():
@@ -157,6 +173,7 @@ def cmd_sweep(a) -> None:
     sweep = Sweep(f"{NAME}_{a.cmd}", s)
     sweep.meta["command"] = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     info = teacher_info()
+    code = code_state()
     xtr, ytr, xte, yte = data(s["train_subset"])
     teacher = load_teacher(TEACHER).eval()
     c0 = time.process_time()
@@ -191,6 +208,7 @@ def cmd_sweep(a) -> None:
             if counter.n:
                 raise RuntimeError(f"the teacher ran {counter.n} times although its logits were in every batch")
             res["teacher_forward_calls"] = counter.n
+            res["code"] = code
             res["distill"] = {"distill_method": method, **kw}
             if method != "supervised":
                 res["distill"]["temperature"] = args.temperature
@@ -617,6 +635,18 @@ def teacher_line(sweep: Sweep) -> str:
             f"{100 * t.get('train_subset_accuracy', float('nan')):.2f}%).")
 
 
+def code_line(sweep: Sweep) -> str:
+    """Which library code the runs trained with (runs from before per-run records: the sweep's first invocation)."""
+    states = {}
+    for r in sweep.runs:
+        c = r.get("code") or {**sweep.meta["git"], "hf_distill_sha256": "not recorded"}
+        dirty = len(c.get("dirty_library_files", []))
+        states.setdefault((c["commit"][:7], dirty, c["hf_distill_sha256"]), []).append(f"{r['config']}/{r['seed']}")
+    return "Library code per run: " + "; ".join(
+        f"git `{commit}`" + (f" + {dirty} uncommitted library files" if dirty else " (clean)")
+        + f", source hash `{sha}`: {len(runs)} runs" for (commit, dirty, sha), runs in states.items()) + "."
+
+
 def sweep_cpu(sweep: Sweep) -> tuple[float, float]:
     inv = sweep.meta.get("invocations", {}).values()
     return sum(v["cpu_s"] for v in inv), sum(v["wall_s"] for v in inv)
@@ -656,7 +686,7 @@ def cmd_report(a) -> None:
         md += [f"Sweep: `{sweep.name}.json`; {cpu / 60:.1f} min CPU, {wall / 60:.1f} min wall summed over "
                f"{len(sweep.meta.get('invocations', {}))} process invocations; commands: "
                + "; ".join(f"`{c}`" for c in dict.fromkeys(v.get("command") for v in sweep.meta["invocations"].values()
-                                                           if v.get("command"))) + ".", ""]
+                                                           if v.get("command"))) + ".", "", code_line(sweep), ""]
     if "losses" in td:
         L = td["losses"]
         md += ["## 4. Losses against torchdistill " + L["torchdistill"], "",
