@@ -400,7 +400,7 @@ def cmd_runs(a) -> None:
     if ctx.teacher_ready():
         sweep.extra["teacher"] = teacher_info()
     elif any(c not in ("supervised", "supervised_mixup") for c in a.configs):
-        raise SystemExit(f"train the teacher first: python benchmarks/bench_fm.py teacher")
+        raise SystemExit("train the teacher first: python benchmarks/bench_fm.py teacher")
     for seed in a.seeds:
         for config in a.configs:
             if sweep.get(config, seed):
