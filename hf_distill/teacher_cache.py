@@ -462,8 +462,9 @@ def build_teacher_cache(
         teacher_id / teacher_revision: what the teacher was loaded from (recorded, checked by
             :func:`load_teacher_cache`); default: the teachers' names.
         shard_size: entries per Arrow shard (the unit of resuming and of splitting the work between
-            processes; whole batches with ``mixing``). Default: about 1/64 of the entries, in whole
-            batches, between one batch and 10,000 entries, so up to 64 processes share even a small build.
+            processes; whole batches with ``mixing``). Default: a partial build's own, else about
+            1/64 of the entries, in whole batches, between one batch and 10,000 entries, so up to 64
+            processes share even a small build.
         device / dtype: where and in which dtype the teachers run (default: their device, float32).
         overwrite: rebuild from scratch when ``cache_dir`` holds a cache built from other inputs
             (otherwise that raises :class:`TeacherCacheError`).
@@ -521,8 +522,10 @@ def build_teacher_cache(
         os.makedirs(cache_dir, exist_ok=True)
 
     stored_epochs = 1 if augmentation == "none" and mixing is None else int(epochs)
-    if shard_size is None:
-        shard_size = default_shard_size(stored_epochs * n, int(batch_size))
+    if shard_size is None:  # a partial build resumes with its own shards
+        old = _read_manifest(cache_dir) if os.path.isdir(cache_dir) else None
+        shard_size = (old["config"]["shard_size"] if old is not None and old["status"] == "partial"
+                      else default_shard_size(stored_epochs * n, int(batch_size)))
     config = {
         "teachers": _teacher_entries(teachers),
         "teacher_id": _as_id_list(teacher_id) or [model_name(t) for t in teachers],

@@ -58,6 +58,19 @@ def test_default_shard_size_gives_several_builders_work(raw, tmp_path):
     manifest = json.loads((tmp_path / "c" / MANIFEST_NAME).read_text())
     assert manifest["config"]["shard_size"] == 8 and manifest["num_shards"] == 6
 
+    def kill(shard):
+        raise KeyboardInterrupt("killed")
+
+    # a partial build (another shard size) resumes with its own shards when none is given
+    with pytest.raises(KeyboardInterrupt):
+        build_teacher_cache(tiny_timm(seed=2), raw[48], tiny_spec(), tmp_path / "p", batch_size=8, shard_size=16,
+                            on_shard_written=kill)
+    written = []
+    build_teacher_cache(tiny_timm(seed=2), raw[48], tiny_spec(), tmp_path / "p", batch_size=8,
+                        on_shard_written=written.append)
+    manifest = json.loads((tmp_path / "p" / MANIFEST_NAME).read_text())
+    assert written == [1, 2] and manifest["config"]["shard_size"] == 16 and manifest["status"] == "complete"
+
 
 def test_deterministic_views_cache_equals_live_teachers_bitwise(raw, tmp_path):
     spec = tiny_spec()
