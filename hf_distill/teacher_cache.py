@@ -266,6 +266,16 @@ def _dataset_entry(dataset, image_column: str, label_column: str) -> dict:
             "image_column": image_column, "label_column": label_column}
 
 
+def _label_column_of(dataset, label_column: str | None) -> str | None:
+    """``None`` (unlabelled images) when the default name ``"label"`` is asked for and the dataset has no such
+    column; any other name is kept (and checked by :func:`_check_raw_dataset`)."""
+    from .data import is_stream
+
+    if label_column == "label" and not is_stream(dataset) and "label" not in dataset.column_names:
+        return None
+    return label_column
+
+
 def _check_raw_dataset(dataset, image_column: str, label_column: str) -> None:
     from .data import is_stream
 
@@ -510,8 +520,7 @@ def build_teacher_cache(
             raise ValueError(f"feature_dtype must be 'float16' or 'float32', got '{feature_dtype}'")
         if feature_grid is not None and int(feature_grid) < 1:
             raise ValueError(f"feature_grid must be >= 1 or None, got {feature_grid}")
-        if label_column == "label" and "label" not in dataset.column_names:
-            label_column = None  # the default name and no such column: unlabelled images
+        label_column = _label_column_of(dataset, label_column)
     _check_raw_dataset(dataset, image_column, label_column)
     n = len(dataset)
     if n == 0:
@@ -614,7 +623,8 @@ def build_teacher_cache(
         if shapes is not None:
             data = _shard_rows(ensemble, reading, start, stop, n, int(batch_size), seed, student_spec, augmentation,
                                image_column, label_column, device,
-                               outputs=lambda views: _teacher_features(ensemble, views, device, shapes, feature_dtype))
+                               outputs=lambda views: _teacher_features(ensemble, views, device, shapes, config["feature_grid"],
+                                                                      feature_dtype))
         elif mixer is None:
             data = _shard_rows(ensemble, reading, start, stop, n, int(batch_size), seed, student_spec, augmentation,
                                image_column, label_column, device)
@@ -742,18 +752,17 @@ def _feature_shapes(teachers, reading, spec, augmentation, seed, image_column, t
     return shapes
 
 
-def _teacher_features(ensemble, views: list[torch.Tensor], device, shapes: list[dict], dtype: str) -> dict:
+def _teacher_features(ensemble, views: list[torch.Tensor], device, shapes: list[dict], grid: int | None,
+                      dtype: str) -> dict:
     """Each teacher's stored feature columns for a batch of views: ``summary_<i>`` [B, D], ``spatial_<i>``
-    [B, D*h*w] (pooled to the stored grid), in the stored dtype."""
+    [B, D*h*w] (pooled to ``grid`` as in :func:`_feature_shapes`), in the stored dtype."""
     outs = ensemble.backbone_features(torch.stack(views).to(device))
-    grid_of = {i: s["spatial"][1:] for i, s in enumerate(shapes) if "spatial" in s}
     cols = {}
     for i, (summary, spatial) in enumerate(outs):
         if "summary" in shapes[i]:
             cols[f"summary_{i}"] = summary.float().cpu().numpy().astype(dtype)
         if "spatial" in shapes[i]:
-            h, w = grid_of[i]
-            pooled = _pooled(spatial, max(h, w)) if tuple(spatial.shape[-2:]) != (h, w) else spatial
+            pooled = _pooled(spatial, grid)
             cols[f"spatial_{i}"] = pooled.float().cpu().reshape(len(views), -1).numpy().astype(dtype)
     return cols
 
@@ -1040,8 +1049,7 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
                  label_column: str = "label"):
         from .data import without_image_decoding
 
-        if label_column == "label" and "label" not in dataset.column_names:
-            label_column = None  # the default name and no such column: unlabelled images
+        label_column = _label_column_of(dataset, label_column)
         _check_raw_dataset(dataset, image_column, label_column)
         cache.check(dataset=dataset, student_spec=student_spec, image_column=image_column, label_column=label_column)
         self.dataset = dataset
@@ -1098,10 +1106,7 @@ def with_teacher_cache(dataset, cache: TeacherCache | str | os.PathLike, student
     and this student input spec. Items carry ``teacher_logits``, or for a feature cache
     ``teacher_features/<teacher index>/<summary|spatial>``. The trainer sets the epoch itself.
     """
-    from .data import is_stream
-
-    if not is_stream(dataset) and label_column == "label" and "label" not in dataset.column_names:
-        label_column = None  # the default name and no such column: unlabelled images
+    label_column = _label_column_of(dataset, label_column)
     _check_raw_dataset(dataset, image_column, label_column)  # a stream is refused before the cache is opened
     if not isinstance(cache, TeacherCache):
         cache = load_teacher_cache(cache)
