@@ -51,6 +51,13 @@ SPEC = InputSpec(mean=(MEAN,), std=(STD,), image_size=(IMAGE_SIZE, IMAGE_SIZE), 
 log = logging.getLogger("bench")
 
 
+def read_notes(path: str | None) -> list[str]:
+    """A report's notes file as one note per paragraph (each joined onto one line); none without a file."""
+    if not path:
+        return []
+    return [n.strip().replace("\n", " ") for n in Path(path).read_text().split("\n\n") if n.strip()]
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for name in ("transformers", "hf_distill", "timm", "datasets"):

@@ -78,7 +78,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _method_bench import (  # noqa: E402
     CACHE_ROOT, RESULTS_DIR, SPEC, FlipImages, Sweep, batched, data, env_lines, make_timm, mean_std, md_table,
-    paired, prepare, setup_logging,
+    paired, prepare, read_notes, setup_logging,
 )
 from bench_quality import small_cnn_student  # noqa: E402
 
@@ -643,8 +643,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     setup_logging()
     if a.cmd == "report":
-        a.notes_list = ([n.strip().replace("\n", " ") for n in Path(a.notes_file).read_text().split("\n\n") if n.strip()]
-                        if a.notes_file else [])
+        a.notes_list = read_notes(a.notes_file)
     {"teacher": cmd_teacher, "cache": cmd_cache, "runs": cmd_runs, "timing": cmd_timing, "report": cmd_report}[a.cmd](a)
     return 0
 
