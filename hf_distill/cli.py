@@ -365,7 +365,7 @@ def build_trainer(model_args, data_args, training_args, print_fn=print, model_in
         # soft labels (and the exact views) come from the cache; a teacher is loaded only if named
         train_dataset = with_teacher_cache(train, training_args.teacher_cache_dir, spec, **columns)
     else:
-        train_dataset = with_image_transform(train, spec, True, data_args.train_augmentation, **columns)
+        train_dataset = with_image_transform(train, student, True, data_args.train_augmentation, **columns)
     teachers = load_teachers(model_args, training_args, backbone=features)
     if not features:
         check_teacher_classes(student, teachers, data_args)
@@ -378,9 +378,9 @@ def build_trainer(model_args, data_args, training_args, print_fn=print, model_in
         teacher_model=teachers or None,
         args=training_args,
         train_dataset=train_dataset,
-        eval_dataset=with_image_transform(evaluation, spec, False, **columns),
+        eval_dataset=with_image_transform(evaluation, student, False, **columns),
         callbacks=[EpochPrinter(print_fn)] if training_args.disable_tqdm else None,
-        knn_train_dataset=with_image_transform(knn, spec, False, **columns) if knn is not None else None,
+        knn_train_dataset=with_image_transform(knn, student, False, **columns) if knn is not None else None,
     )
     trainer.card_info.update(dataset=data_args.dataset_name)
     return trainer, train, evaluation

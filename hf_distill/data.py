@@ -192,10 +192,12 @@ def _image_name(value) -> str:
     return str(value.get("path")) if isinstance(value, dict) and value.get("path") else "<in-memory image>"
 
 
-def with_image_transform(dataset, spec: InputSpec, training: bool = False, augmentation: str = "none",
+def with_image_transform(dataset, spec, training: bool = False, augmentation: str = "none",
                          image_column: str = "image", label_column: str | None = "label"):
     """The dataset, lazily mapped to ``{"pixel_values", "labels"}`` (a ``datasets`` transform).
 
+    ``spec`` is the student itself (preferred: the images are then preprocessed exactly as its export
+    declares, :func:`hf_distill.preprocessing.student_transform`) or its :class:`InputSpec`.
     ``label_column=None`` (or a dataset without a ``"label"`` column when the default is kept)
     gives unlabelled examples (``pixel_values`` only), e.g. for ``trainer.predict``. An image
     that cannot be read is skipped with a warning naming its file; the batch is one shorter.
@@ -207,7 +209,12 @@ def with_image_transform(dataset, spec: InputSpec, training: bool = False, augme
         if label_column != "label":
             raise ValueError(f"column '{label_column}' not in the dataset; columns: {columns}")
         label_column = None  # the default name and no such column: an unlabelled dataset
-    tf = build_transform(spec, training, augmentation)
+    if isinstance(spec, InputSpec):
+        tf = build_transform(spec, training, augmentation)
+    else:
+        from .preprocessing import student_transform
+
+        tf = student_transform(spec, training, augmentation)
 
     def transform(batch):
         pixel_values = []
@@ -225,10 +232,17 @@ def with_image_transform(dataset, spec: InputSpec, training: bool = False, augme
             out["labels"] = list(batch[label_column])
         return out
 
+    from .preprocessing import ImageSource
+
     dataset = without_image_decoding(dataset, image_column)
     if is_stream(dataset):  # a datasets IterableDataset has no with_transform: a lazy map does the same
-        return dataset.map(transform, batched=True, batch_size=64, remove_columns=columns)
-    return dataset.with_transform(transform)
+        out = dataset.map(transform, batched=True, batch_size=64, remove_columns=columns)
+    else:
+        out = dataset.with_transform(transform)
+    # what the run's record needs: the raw images (a teacher's own preprocessing) and the augmentation (cards)
+    out.hf_distill_images = ImageSource(dataset, image_column, label_column)
+    out.hf_distill_augmentation = augmentation if training else None
+    return out
 
 
 def is_stream(dataset) -> bool:
@@ -243,6 +257,26 @@ def is_stream(dataset) -> bool:
 def label_names(dataset, label_column: str = "label") -> list[str] | None:
     feature = (dataset.features or {}).get(label_column)
     return list(feature.names) if hasattr(feature, "names") else None
+
+
+def class_names_for(student, train_dataset=None, teachers=()) -> list[str] | None:
+    """Class names for a student that carries none: the training data's ``ClassLabel`` (the column
+    :func:`with_image_transform` read), else the first teacher's names, when their count fits the student."""
+    from .models import label_names_of, num_classes_of
+
+    if label_names_of(student):
+        return None
+    n = num_classes_of(student)
+    source = getattr(train_dataset, "hf_distill_images", None)
+    column = source.label_column if source is not None else "label"
+    candidates = []
+    if train_dataset is not None and column and getattr(train_dataset, "features", None) is not None:
+        candidates.append(label_names(train_dataset, column))
+    candidates += [label_names_of(t) for t in teachers]
+    for names in candidates:
+        if names and (n is None or len(names) == n):
+            return [str(name) for name in names]
+    return None
 
 
 def collate_images(examples: list[dict]) -> dict[str, torch.Tensor]:

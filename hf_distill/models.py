@@ -624,11 +624,13 @@ def save_native(model: nn.Module, output_dir: str | os.PathLike, state_dict: dic
     if family == "transformers":
         with _no_transformers_progress_bars():  # no "Writing model shards" bar at every checkpoint
             model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
-        processor = getattr(model, "hf_distill_image_processor", None) or _default_processor(model)
-        if processor is not None:
-            processor.save_pretrained(output_dir)
+        from .preprocessing import export_processor  # the processor the run evaluated with
+
+        export_processor(model).save_pretrained(output_dir)
     elif family == "timm":
         from timm.models import save_for_hf
+
+        from .preprocessing import timm_data_config
 
         spec = input_spec(model)
         save_for_hf(
@@ -636,8 +638,7 @@ def save_native(model: nn.Module, output_dir: str | os.PathLike, state_dict: dic
             str(output_dir),
             model_config={"label_names": label_names_of(model)} if label_names_of(model) else None,
             safe_serialization=True,
-            data_config={"input_size": (spec.in_chans, *spec.image_size), "mean": spec.mean, "std": spec.std,
-                         "crop_pct": 1.0},
+            data_config=timm_data_config(spec),  # squash to the input size, as the run evaluated
         )
         _drop_weight_provenance(output_dir / "config.json")
         if state_dict is not None:  # save_for_hf saves the live weights; honour an explicit state dict
@@ -690,15 +691,9 @@ def _contiguous(sd: dict) -> dict:
 
 def _default_processor(model: nn.Module):
     """An image processor matching the model's input, so pipelines work after export."""
-    from transformers import ViTImageProcessor  # a plain resize + normalise processor
+    from .preprocessing import export_processor
 
-    spec = input_spec(model)
-    return ViTImageProcessor(
-        do_resize=True,
-        size={"height": spec.image_size[0], "width": spec.image_size[1]},
-        image_mean=list(spec.mean),
-        image_std=list(spec.std),
-    )
+    return export_processor(model)
 
 
 def load_native_weights(model: nn.Module, folder: str | os.PathLike) -> None:

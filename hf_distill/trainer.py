@@ -16,7 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import DistillationTrainingArguments
 from .callbacks import SetEpochCallback
-from .data import collate_images
+from .data import class_names_for, collate_images
 from .losses import perturb_logits
 from .methods import Progress, StepOutputs, get_method
 from .model_card import CardContext, build_model_card, measure_latency_ms
@@ -32,6 +32,7 @@ from .models import (
     load_native_weights,
     model_family,
     save_native,
+    set_label_names,
     short_name,
 )
 from .features import backbone_features, export_backbone, feature_shapes, knn_accuracy
@@ -257,6 +258,7 @@ class DistillationTrainer(Trainer):
             )
         self.teacher_cache = self._check_teacher_cache(args, teachers, train_dataset)
         if self.method.student_output == "logits":  # feature distillation has no label space
+            set_label_names(student, class_names_for(student, train_dataset, teachers))  # as the CLI does
             check_label_spaces(student, teachers)
         self.mixer, train_dataset = self._mixing(args, student, teachers, train_dataset)
         self._stream_reading(args, train_dataset)

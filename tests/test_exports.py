@@ -1,0 +1,91 @@
+"""Exports behave as trained: a student loaded its library's own way scores what the run's evaluation said.
+
+Images of three shapes (square, wide, tall; the student's input is square): timm's
+``create_model("local-dir:...")`` + ``resolve_model_data_config`` + ``create_transform`` and
+transformers' ``AutoImageProcessor`` / ``pipeline`` must reproduce the trainer's evaluation on the
+same PIL images, prediction for prediction. Class names come from the dataset's ``ClassLabel``.
+"""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_hf_resnet, tiny_spec, tiny_timm
+
+from hf_distill import DistillationTrainer
+from hf_distill.data import with_image_transform
+
+SHAPES = {"square": (24, 24), "wide": (24, 48), "tall": (48, 24)}  # (height, width); the student takes 16x16
+NAMES = [f"digit-{i}" for i in range(10)]
+
+
+def _shaped(digits, split, n, shape, mode):
+    """Digits enlarged to ``shape`` (aspect ratio changed), as PIL images in ``mode``, with named classes."""
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    part = digits[split].select(range(n))
+    images = [img.convert(mode).resize(shape[::-1]) for img in part["image"]]
+    features = Features({"image": Image(), "label": ClassLabel(names=NAMES)})
+    return Dataset.from_dict({"image": images, "label": part["label"]}, features=features)
+
+
+def _train(student, digits, shape, mode, make_args):
+    train = _shaped(digits, "train", 192, shape, mode)
+    evaluation = _shaped(digits, "test", 48, shape, mode)
+    trainer = DistillationTrainer(
+        model=student, args=make_args(distill_method="supervised", max_steps=12, learning_rate=2e-2),
+        train_dataset=with_image_transform(train, student, training=True),
+        eval_dataset=with_image_transform(evaluation, student))
+    trainer.train()
+    metrics = trainer.evaluate()
+    predictions = trainer.predict(trainer.eval_dataset).predictions.argmax(-1)
+    return trainer, evaluation, metrics, predictions
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_timm_export_reproduces_the_run(shape, digits, make_args, tmp_path):
+    import timm
+    import timm.data
+
+    student = tiny_timm(spec=tiny_spec())  # 1 channel, 16x16, mean/std 0.5
+    trainer, evaluation, metrics, run_pred = _train(student, digits, SHAPES[shape], "L", make_args)
+    out = tmp_path / "export"
+    trainer.save_model(str(out))
+
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    config = timm.data.resolve_model_data_config(loaded)
+    assert config["input_size"] == (1, 16, 16) and config["crop_mode"] == "squash" and config["crop_pct"] == 1.0
+    transform = timm.data.create_transform(**config, is_training=False)
+    with torch.no_grad():
+        x = torch.stack([transform(img.convert("L")) for img in evaluation["image"]])
+        pred = loaded(x).argmax(-1).numpy()
+    labels = np.asarray(evaluation["label"])
+    assert (pred == run_pred).all()
+    assert float((pred == labels).mean()) == pytest.approx(metrics["eval_accuracy"], abs=1e-12)
+    assert metrics["eval_accuracy"] > 0.2  # it learnt something: the predictions differ between images
+    assert loaded.pretrained_cfg["label_names"] == NAMES  # from the dataset's ClassLabel, in Python
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_transformers_export_reproduces_the_run(shape, digits, make_args, tmp_path):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+    student = tiny_hf_resnet(in_chans=3, spec=tiny_spec(mean=(0.5,) * 3, std=(0.5,) * 3, in_chans=3))
+    trainer, evaluation, metrics, run_pred = _train(student, digits, SHAPES[shape], "RGB", make_args)
+    out = tmp_path / "export"
+    trainer.save_model(str(out))
+
+    processor = AutoImageProcessor.from_pretrained(out)
+    model = AutoModelForImageClassification.from_pretrained(out).eval()
+    images = [img.convert("RGB") for img in evaluation["image"]]
+    with torch.no_grad():
+        pred = model(**processor(images=images, return_tensors="pt")).logits.argmax(-1).numpy()
+    labels = np.asarray(evaluation["label"])
+    assert (pred == run_pred).all()
+    assert float((pred == labels).mean()) == pytest.approx(metrics["eval_accuracy"], abs=1e-12)
+    assert metrics["eval_accuracy"] > 0.2
+
+    classifier = pipeline("image-classification", model=str(out), device="cpu")
+    answers = classifier(images, top_k=1)
+    names = [a[0]["label"] for a in answers]
+    assert set(names) <= set(NAMES)  # real class names, not LABEL_i
+    assert [NAMES.index(n) for n in names] == list(pred)
