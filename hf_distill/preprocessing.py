@@ -159,3 +159,47 @@ def own_accuracy(model: nn.Module, source: ImageSource, batch_size: int = 64) ->
     finally:
         model.train(was_training)
     return correct / total if total else None
+
+
+def fed_as_own(teacher: nn.Module, student_spec: InputSpec) -> bool:
+    """Whether the student's evaluation input (squashed to its size), re-normalised for ``teacher``, is exactly
+    the teacher's own preprocessing: then the teacher's accuracy on it is the teacher's own."""
+    spec = input_spec(teacher)
+    if tuple(spec.image_size) != tuple(student_spec.image_size) or spec.interpolation != student_spec.interpolation:
+        return False
+    if isinstance(getattr(teacher, "hf_distill_input_spec", None), InputSpec):
+        return True  # declared with set_input_spec: a squash to that size
+    if is_timm_model(teacher):
+        import timm.data
+
+        cfg = timm.data.resolve_model_data_config(teacher)
+        return cfg.get("crop_mode") == "squash" and float(cfg.get("crop_pct") or 0.0) == 1.0
+    return not is_transformers_model(teacher)  # transformers processors resize tensors, the student's PIL images
+
+
+def with_own_teacher_accuracy(metrics: dict, teachers, dataset, cache: dict,
+                              student_spec: InputSpec | None = None) -> dict:
+    """``metrics`` (from the student's evaluation batches) with the teachers' accuracy measured their own way.
+
+    When the raw images behind ``dataset`` are known, ``teacher_accuracy`` (one teacher) or
+    ``teacher{i}_accuracy`` (several) is each teacher's top-1 with its own preprocessing, and the accuracy
+    on the batches the student saw becomes ``teacher_accuracy_student_input``. ``cache`` keeps the
+    results per dataset (the teachers do not change)."""
+    source = raw_images_of(dataset)
+    if source is None or "teacher_accuracy" not in metrics or not len(teachers):
+        return metrics
+    if student_spec is not None and all(fed_as_own(t, student_spec) for t in teachers):
+        return metrics  # what the teachers were fed is their own preprocessing
+    key = (id(source.dataset), len(source.dataset) if hasattr(source.dataset, "__len__") else None)
+    if key not in cache:
+        cache[key] = [own_accuracy(t, source) for t in teachers]
+    own = cache[key]
+    if any(a is None for a in own):
+        return metrics
+    metrics = dict(metrics)
+    metrics["teacher_accuracy_student_input"] = metrics.pop("teacher_accuracy")
+    if len(own) == 1:
+        metrics["teacher_accuracy"] = own[0]
+    else:
+        metrics.update({f"teacher{i}_accuracy": a for i, a in enumerate(own)})
+    return metrics

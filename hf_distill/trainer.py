@@ -20,6 +20,7 @@ from .data import class_names_for, collate_images
 from .losses import perturb_logits
 from .methods import Progress, StepOutputs, get_method
 from .model_card import CardContext, build_model_card, measure_latency_ms
+from .preprocessing import with_own_teacher_accuracy
 from .models import (
     call_model,
     count_parameters,
@@ -269,6 +270,7 @@ class DistillationTrainer(Trainer):
         self._eval_teacher_cache: dict[tuple, torch.Tensor] = {}
         self._eval_teacher_key: tuple | None = None
         self._eval_teacher_batches: list[torch.Tensor] = []
+        self._own_teacher_accuracy: dict[tuple, list] = {}  # each teacher's accuracy, its own preprocessing
         # Facts for the model card that the arguments do not hold (dataset, license, ...).
         self.card_info: dict[str, Any] = {}
         self._timing_cache: dict | None = None
@@ -846,7 +848,10 @@ class DistillationTrainer(Trainer):
             teacher = torch.cat(self._eval_teacher_batches).numpy()
             preds = output.predictions
             student = preds[0] if isinstance(preds, tuple) else preds
-            for name, value in teacher_metrics(_concat(student), teacher, output.label_ids).items():
+            measured = teacher_metrics(_concat(student), teacher, output.label_ids)
+            measured = with_own_teacher_accuracy(measured, list(self.teachers.models), dataloader.dataset,
+                                                 self._own_teacher_accuracy, self.student_spec)
+            for name, value in measured.items():
                 output.metrics[f"{metric_key_prefix}_{name}"] = value
         self._eval_teacher_batches = []
         if (self.method.student_output == "features" and output.predictions is not None

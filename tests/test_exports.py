@@ -89,3 +89,37 @@ def test_transformers_export_reproduces_the_run(shape, digits, make_args, tmp_pa
     names = [a[0]["label"] for a in answers]
     assert set(names) <= set(NAMES)  # real class names, not LABEL_i
     assert [NAMES.index(n) for n in names] == list(pred)
+
+
+def test_teacher_accuracy_is_measured_with_the_teachers_own_preprocessing(digits, make_args, tmp_path):
+    """A transformers teacher (24x24, its own processor) distilled into a 16x16 timm student on wide images:
+    the reported teacher accuracy is what ``pipeline`` gives; what it scored on the student's input is kept
+    apart."""
+    from transformers import pipeline
+
+    from hf_distill import load_model
+    from hf_distill.data import collate_images
+    from hf_distill.models import call_model
+
+    shape = SHAPES["wide"]
+    first = tiny_hf_resnet(in_chans=3, spec=tiny_spec(mean=(0.5,) * 3, std=(0.5,) * 3, in_chans=3, size=24))
+    trainer, evaluation, _, _ = _train(first, digits, shape, "RGB", make_args)
+    trainer.save_model(str(tmp_path / "teacher"))
+    teacher = load_model(str(tmp_path / "teacher"))  # as a user would: the folder, with its processor
+
+    classifier = pipeline("image-classification", model=str(tmp_path / "teacher"), device="cpu")
+    images = [img.convert("RGB") for img in evaluation["image"]]
+    by_pipeline = np.mean([NAMES.index(a[0]["label"]) == y
+                           for a, y in zip(classifier(images, top_k=1), evaluation["label"])])
+
+    student = tiny_timm(in_chans=3, spec=tiny_spec(mean=(0.5,) * 3, std=(0.5,) * 3, in_chans=3))
+    kd = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(),
+                             eval_dataset=with_image_transform(evaluation, student))
+    metrics = kd.evaluate()
+    batch = collate_images([kd.eval_dataset[i] for i in range(len(evaluation))])
+    with torch.no_grad():
+        fed = call_model(teacher, kd.teachers.prepare_input(0, batch["pixel_values"])).argmax(-1)
+    on_student_input = (fed == batch["labels"]).double().mean().item()
+    assert metrics["eval_teacher_accuracy"] == pytest.approx(by_pipeline, abs=1e-12)
+    assert metrics["eval_teacher_accuracy_student_input"] == pytest.approx(on_student_input, abs=1e-12)
+    assert by_pipeline != on_student_input  # the two measurements differ here: the test tells them apart
