@@ -37,50 +37,6 @@ __all__ = [
 
 TEMPLATE_NAME = "distilled_model_card.md"
 
-# (display name, one-line description, paper) for the methods hf_distill ships; a method's own
-# ``paper`` attribute (hf_distill.methods) or CardContext.method_paper take precedence.
-_METHOD_INFO: dict[str, tuple[str, str, tuple[str, str] | None]] = {
-    "kd": (
-        "Knowledge distillation (KD)",
-        "The student learns to match the teacher's temperature-softened class probabilities (a KL-divergence "
-        "term) together with the usual cross-entropy on the ground-truth labels.",
-        ("Distilling the Knowledge in a Neural Network (Hinton et al., 2015)", "https://arxiv.org/abs/1503.02531"),
-    ),
-    "fitnets": (
-        "FitNets (hint-based distillation)",
-        "The student first learns to regress the teacher's intermediate feature maps (hints) through a small "
-        "regressor, then is distilled on the teacher's soft targets.",
-        ("FitNets: Hints for Thin Deep Nets (Romero et al., 2015)", "https://arxiv.org/abs/1412.6550"),
-    ),
-    "byot": (
-        "Be Your Own Teacher (self-distillation)",
-        "Self-distillation: shallow classifiers attached to intermediate stages learn from the network's deepest "
-        "classifier (soft targets and features), so the network is its own teacher; every exit can be used "
-        "on its own for faster inference.",
-        ("Be Your Own Teacher: Improve the Performance of Convolutional Neural Networks via Self Distillation "
-         "(Zhang et al., 2019)", "https://arxiv.org/abs/1905.08094"),
-    ),
-    "sftn": (
-        "Student-Friendly Teacher Networks (SFTN)",
-        "The teacher is first trained together with student branches so that its knowledge is easy for the "
-        "student to absorb, then distilled into the student.",
-        ("Learning Student-Friendly Teacher Networks for Knowledge Distillation (Park et al., 2021)",
-         "https://arxiv.org/abs/2102.07650"),
-    ),
-    "noisy_teacher": (
-        "Noisy teacher distillation",
-        "The teacher's logits are perturbed with random noise during distillation, a regulariser that simulates "
-        "learning from several teachers.",
-        ("Deep Model Compression: Distilling Knowledge from Noisy Teachers (Sau & Balasubramanian, 2016)",
-         "https://arxiv.org/abs/1610.09650"),
-    ),
-    "supervised": (
-        "Supervised training (no teacher)",
-        "Trained on the ground-truth labels only, without a teacher: a baseline for the distilled students.",
-        None,
-    ),
-}
-
 # Licence identifiers the Hub accepts in the ``license`` field (others become ``license: other``).
 _HUB_LICENSES = frozenset(
     """apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0
@@ -125,6 +81,17 @@ class CardContext:
     in_chans: int = 3
     notes: dict[str, str] = field(default_factory=dict)  # extra facts, rendered as a list
     task: str = "image-classification"  # or "image-feature-extraction" (a feature-distilled backbone)
+    # what the method declares (hf_distill.methods): its human name, one sentence, the kind of each metric
+    # (regex over metric names -> accuracy / knn / cosine / agreement / divergence); default: the registry's
+    method_title: str | None = None
+    method_description: str | None = None
+    metric_kinds: dict[str, str] | None = None
+    eval_split: str | None = None  # the evaluation split's name ("test"), when known
+    eval_size: int | None = None  # how many images it holds
+    preprocessing: str | None = None  # how the evaluation images were preprocessed, in words
+    teacher_measurement: str | None = None  # how the teacher's accuracy was measured, in words
+    teacher_keys: dict[str, str] = field(default_factory=dict)  # teacher key in metric names -> teacher name
+    teacher_cache: str | None = None  # where cached teacher outputs came from, in words
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,23 +282,42 @@ def _link(name: str) -> str:
     return f"[{repo}](https://huggingface.co/{repo})" if repo else f"`{name}`"
 
 
-def _method_info(method: str, paper: tuple[str, str] | None) -> tuple[str, str, tuple[str, str] | None]:
-    display, description, default_paper = _METHOD_INFO.get(
-        method, (method, f"Distilled with the `{method}` method of hf_distill.", None)
-    )
-    if paper is None:
-        try:
-            from .methods import METHODS
+def _method_info(ctx: CardContext) -> tuple[str, str, tuple[str, str] | None, dict[str, str]]:
+    """(human name, one sentence, paper, metric kinds) as the method declares them, unless the context says."""
+    from .methods import METHODS, DistillationMethod
 
-            paper = getattr(METHODS.get(method), "paper", None)
-        except Exception:  # the registry is optional here
-            paper = None
-    return display, description, paper or default_paper
+    method = METHODS.get(ctx.method)
+    title = ctx.method_title or getattr(method, "title", "") or ctx.method
+    description = ctx.method_description or getattr(method, "description", "") or \
+        f"Distilled with the `{ctx.method}` method of hf_distill."
+    paper = ctx.method_paper or getattr(method, "paper", None)
+    kinds = ctx.metric_kinds if ctx.metric_kinds is not None else \
+        getattr(method, "metric_kinds", DistillationMethod.metric_kinds)
+    return title, description, paper, kinds
+
+
+def _kind_of(name: str, kinds: dict[str, str]) -> str | None:
+    return next((kind for pattern, kind in kinds.items() if re.fullmatch(pattern, name)), None)
+
+
+def _dataset_label(name: str) -> str:
+    """A dataset for people: a local folder by its last part, a Hub id as it is."""
+    from .models import short_name
+
+    return short_name(name)
 
 
 # ---------------------------------------------------------------------------------------------
 # Card
 # ---------------------------------------------------------------------------------------------
+
+
+def _dataset_type(ctx: CardContext, dataset_id: str | None) -> str:
+    """model-index ``dataset.type``: the Hub id, else what the data is (never a local path)."""
+    if dataset_id:
+        return dataset_id
+    name = str(ctx.dataset)
+    return "imagefolder" if os.path.exists(name) or os.sep in name or name.startswith(("~", ".")) else name
 
 
 def _card_data(ctx: CardContext, teachers_hub: list[str], dataset_id: str | None, model_name: str) -> ModelCardData:
@@ -355,8 +341,9 @@ def _card_data(ctx: CardContext, teachers_hub: list[str], dataset_id: str | None
             EvalResult(
                 task_type=ctx.task,
                 task_name="Image Feature Extraction" if features else "Image Classification",
-                dataset_type=dataset_id or ctx.dataset,
-                dataset_name=ctx.dataset,
+                dataset_type=_dataset_type(ctx, dataset_id),
+                dataset_name=_dataset_label(ctx.dataset),
+                dataset_split=ctx.eval_split,
                 metric_type="accuracy",
                 metric_name="k-NN top-1 accuracy (k=20)" if features else "Top-1 accuracy",
                 metric_value=float(acc),
@@ -376,40 +363,124 @@ def _card_data(ctx: CardContext, teachers_hub: list[str], dataset_id: str | None
     )
 
 
-def _results(ctx: CardContext, teacher_label: str) -> tuple[list, list, list]:
-    m = dict(ctx.metrics)
-    rows, lines = [], []
-    student = m.pop("accuracy", None)
-    if student is not None:
-        rows.append((f"**Student** (`{ctx.student_name}`)", f"**{_fmt_acc(student)}**"))
-    teacher_keys = sorted(k for k in m if re.fullmatch(r"teacher\d*_accuracy", k))
-    for k in teacher_keys:
-        idx = k[len("teacher"):-len("_accuracy")]
-        name = teacher_label
-        if idx and idx.isdigit() and int(idx) < len(ctx.teacher_names):
-            name = f"Teacher {int(idx) + 1} (`{ctx.teacher_names[int(idx)]}`)"
-        rows.append((name, _fmt_acc(m.pop(k))))
-    for k in sorted((k for k in m if re.fullmatch(r"exit\d+_accuracy", k)), key=lambda k: int(k[4:-9])):
-        rows.append((f"Exit {int(k[4:-9])} (early-exit classifier)", _fmt_acc(m.pop(k))))
-    if "ensemble_accuracy" in m:
-        rows.append(("Ensemble of all exits", _fmt_acc(m.pop("ensemble_accuracy"))))
-    if "knn_accuracy" in m:
-        rows.append((f"**Student** (`{ctx.student_name}`), k-NN top-1 (k=20) of its features",
-                     f"**{_fmt_acc(m.pop('knn_accuracy'))}**"))
-    for k in sorted(k for k in m if k.startswith("teacher_knn_accuracy")):
-        suffix = k[len("teacher_knn_accuracy"):].lstrip("_")
-        rows.append((f"{teacher_label if not suffix else f'Teacher `{suffix}`'}, k-NN top-1 of its features",
-                     _fmt_acc(m.pop(k))))
-    for k in sorted(k for k in m if k.startswith("feature_cosine")):
-        what = k[len("feature_cosine"):].lstrip("_").replace("_", " ") or "all teachers and targets"
-        rows.append((f"Cosine to the teacher's features ({what})", f"{float(m.pop(k)):.4f}"))
-    teacher = ctx.metrics.get("teacher_accuracy")
+# What each kind of metric is called in its table, and how its values are written.
+_KIND_TABLES = (
+    ("accuracy", "Top-1 accuracy", "Model"),
+    ("knn", "k-NN top-1 accuracy (k=20, cosine, summary features)", "Model"),
+    ("cosine", "Cosine similarity to the teacher's standardised features", "Teacher and target"),
+    ("agreement", "Top-1 agreement (share of images where student and teacher predict the same class)",
+     "Comparison"),
+    ("divergence", "KL(teacher ‖ student) at temperature 1, mean per image", "Comparison"),
+)
+
+
+def _teacher_named(ctx: CardContext, index: int | None = None, key: str | None = None) -> str:
+    """A teacher as every part of the card names it: ``Teacher (`name`)`` or ``Teacher 2 (`name`)``."""
+    names = ctx.teacher_names
+    if key is not None:
+        name = ctx.teacher_keys.get(key, key)
+        index = names.index(name) if name in names else None
+        if index is None:
+            return f"Teacher (`{name}`)"
+    if index is not None and index < len(names):
+        return f"Teacher {index + 1} (`{names[index]}`)" if len(names) > 1 else f"Teacher (`{names[index]}`)"
+    if len(names) == 1:
+        return f"Teacher (`{names[0]}`)"
+    return "Teachers (ensemble)" if names else "Teacher"
+
+
+def _metric_label(ctx: CardContext, name: str) -> str:
+    """The row label of a metric in its table."""
+    student = f"**Student** (`{ctx.student_name}`)"
+    if name in ("accuracy", "knn_accuracy"):
+        return student
+    if name == "teacher_accuracy":
+        return _teacher_named(ctx)
+    if name == "teacher_accuracy_student_input":
+        return f"{_teacher_named(ctx)}, fed the student's input"
+    match = re.fullmatch(r"teacher(\d+)_accuracy", name)
+    if match:
+        return _teacher_named(ctx, index=int(match.group(1)))
+    match = re.fullmatch(r"exit(\d+)_accuracy", name)
+    if match:
+        return f"Exit {int(match.group(1))} (early-exit classifier)"
+    if name == "ensemble_accuracy":
+        return "Ensemble of all exits"
+    match = re.fullmatch(r"branch(\d+)_accuracy", name)
+    if match:
+        return f"Student branch {int(match.group(1))}"
+    match = re.fullmatch(r"(\w+)_head_accuracy", name)
+    if match:
+        return f"Student, {match.group(1).replace('_', ' ')} head"
+    if name.startswith("teacher_knn_accuracy"):
+        key = name[len("teacher_knn_accuracy"):].lstrip("_")
+        return _teacher_named(ctx, key=key) if key else _teacher_named(ctx)
+    if name == "feature_cosine":
+        return "Mean over teachers and targets"
+    match = re.fullmatch(r"feature_cosine_(summary|spatial)_(.+)", name)
+    if match:
+        return f"{_teacher_named(ctx, key=match.group(2))}, {match.group(1)} features"
+    if name == "teacher_agreement":
+        return f"Student and {_teacher_named(ctx)}"
+    if name == "teacher_kl":
+        return f"{_teacher_named(ctx)} to student"
+    return f"`{name}`"
+
+
+def _metric_value(kind: str, value: Any) -> str:
+    if kind in ("accuracy", "knn", "agreement"):
+        return _fmt_acc(value)
+    try:
+        return f"{float(value):.4f}"
+    except (TypeError, ValueError):
+        return _fmt(value)
+
+
+def _results(ctx: CardContext, kinds: dict[str, str]) -> tuple[list[dict], list[str], list]:
+    """Tables of results, one per kind of metric (each row: label, value, the metric's name in the run's
+    record), sentences about them, and the metrics the method does not declare."""
+    by_kind: dict[str, list[str]] = {}
+    other = []
+    for name in ctx.metrics:
+        kind = _kind_of(name, kinds)
+        if kind is None:
+            other.append((name, _fmt(ctx.metrics[name])))
+        else:
+            by_kind.setdefault(kind, []).append(name)
+    tables = []
+    for kind, header, first in _KIND_TABLES:
+        names = by_kind.pop(kind, [])
+        rows = []
+        for name in sorted(names, key=_row_order):
+            value = _metric_value(kind, ctx.metrics[name])
+            bold = name in ("accuracy", "knn_accuracy")
+            rows.append((_metric_label(ctx, name), f"**{value}**" if bold else value, f"`eval_{name}`"))
+        if rows:
+            tables.append({"kind": kind, "header": header, "first": first, "rows": rows})
+    for kind, names in by_kind.items():  # a kind the card has no table for
+        other.extend((name, _fmt(ctx.metrics[name])) for name in names)
+    lines = []
+    student, teacher = ctx.metrics.get("accuracy"), ctx.metrics.get("teacher_accuracy")
     if isinstance(student, (int, float)) and isinstance(teacher, (int, float)):
         gap = (float(student) - float(teacher)) * (100 if 0 <= student <= 1 and 0 <= teacher <= 1 else 1)
         lines.append(f"The student is {abs(gap):.2f} points {'above' if gap >= 0 else 'below'} the teacher "
                      f"({_fmt_acc(student)} vs {_fmt_acc(teacher)}).")
-    other = [(k, _fmt(v)) for k, v in m.items()]
-    return rows, lines, other
+    if ctx.teacher_measurement and any(re.fullmatch(r"teacher\d*_accuracy(_student_input)?", n) for n in ctx.metrics):
+        lines.append(ctx.teacher_measurement)
+    return tables, lines, other
+
+
+def _row_order(name: str) -> tuple:
+    """Student first, then teachers, then exits / branches / heads in their numeric order."""
+    rank = 0 if name in ("accuracy", "knn_accuracy", "feature_cosine", "teacher_agreement", "teacher_kl") else \
+        1 if name.startswith("teacher") else 2
+    numbers = [int(n) for n in re.findall(r"\d+", name)]
+    return rank, numbers, name
+
+
+def _times(ratio: float, more: str, less: str) -> str:
+    """``2.19x fewer`` when ratio >= 1, else ``3.10x more`` (a comparison always read the right way round)."""
+    return f"{ratio:.2f}x {more}" if ratio >= 1 else f"{1 / ratio:.2f}x {less}"
 
 
 def _size(ctx: CardContext) -> tuple[list, list]:
@@ -420,21 +491,24 @@ def _size(ctx: CardContext) -> tuple[list, list]:
     n = len(ctx.teacher_names)
     for i, name in enumerate(ctx.teacher_names):
         params = ctx.teacher_params[i] if i < len(ctx.teacher_params) else None
-        rows.append((f"Teacher{f' {i + 1}' if n > 1 else ''} (`{name}`)", _fmt_params(params),
-                     _fmt_ms(t_ms) if n == 1 else "-"))
+        rows.append((_teacher_named(ctx, index=i), _fmt_params(params), _fmt_ms(t_ms) if n == 1 else "-"))
     if n > 1:
         rows.append(("Teachers (all)", _fmt_params(teacher_total), _fmt_ms(t_ms)))
     elif n == 0 and t_ms is not None:
         rows.append(("Teacher", _fmt_params(teacher_total or None), _fmt_ms(t_ms)))
     lines = []
+    whom = f"the teacher{'s together' if n > 1 else ''}"
     if teacher_total and ctx.student_params:
-        lines.append(f"**Compression:** the student has {teacher_total / ctx.student_params:.2f}x fewer parameters "
-                     f"than the teacher{'s' if n > 1 else ''}.")
+        lines.append(f"**Compression:** the student has "
+                     f"{_times(teacher_total / ctx.student_params, 'fewer', 'more')} parameters than {whom}.")
     try:
         speedup = float(t_ms) / float(s_ms)
-        lines.append(f"**Speed-up:** {speedup:.2f}x faster inference than the teacher{'s' if n > 1 else ''}.")
+        lines.append(f"**Speed:** the student's inference is {_times(speedup, 'faster', 'slower')} than {whom}.")
     except (TypeError, ValueError, ZeroDivisionError):
         pass
+    if ctx.teacher_cache and not teacher_total:
+        lines.append("The teacher was not loaded for this run: its outputs were read from a cache "
+                     f"({ctx.teacher_cache}).")
     conditions = [f"{k.replace('_', ' ')}: {_fmt_kv(k, v)}" for k, v in t.items() if v is not None]
     if s_ms is not None or t_ms is not None:
         lines.append("Inference time is the median of several forward passes in eval mode without gradients"
@@ -553,17 +627,16 @@ def build_model_card(ctx: CardContext) -> ModelCard:
     teachers_hub = list(dict.fromkeys(teachers_hub))
     dataset_id = _hub_dataset_id(ctx.dataset)
     model_name = (ctx.repo_id.split("/")[-1] if ctx.repo_id else ctx.student_name.split("/")[-1].split(":")[-1])
-    display, description, paper = _method_info(ctx.method, ctx.method_paper)
+    display, description, paper, kinds = _method_info(ctx)
     method_cell = f"[{display}]({paper[1]})" if paper else display
+    dataset_cell = _link(ctx.dataset) if dataset_id and "/" in dataset_id else f"`{_dataset_label(ctx.dataset or '')}`"
 
     if len(ctx.teacher_names) == 1:
-        teacher_label = f"Teacher (`{ctx.teacher_names[0]}`)"
         teachers_text = _link(ctx.teacher_names[0])
     elif ctx.teacher_names:
-        teacher_label = "Teachers (ensemble)"
         teachers_text = "an ensemble of " + ", ".join(_link(t) for t in ctx.teacher_names)
     else:
-        teacher_label, teachers_text = "Teacher", ""
+        teachers_text = ""
     if ctx.method == "supervised":
         summary = f"`{ctx.student_name}` ({ctx.library_name}) trained on the labels only, as a baseline"
     elif teachers_text:
@@ -571,18 +644,22 @@ def build_model_card(ctx: CardContext) -> ModelCard:
     else:
         summary = f"`{ctx.student_name}` ({ctx.library_name}) trained with **{method_cell}**"
     if ctx.dataset:
-        summary += f" on {_link(ctx.dataset) if dataset_id and '/' in dataset_id else f'`{ctx.dataset}`'}"
+        summary += f" on {dataset_cell}"
     summary += "."
+    if ctx.teacher_cache:
+        summary += f" The teacher's outputs were read from a cache: {ctx.teacher_cache}."
     if paper:
         summary += f" Method paper: [{paper[0]}]({paper[1]})."
 
-    result_rows, result_lines, other_metrics = _results(ctx, teacher_label)
+    result_tables, result_lines, other_metrics = _results(ctx, kinds)
     size_rows, size_lines = _size(ctx)
     usage_intro, usage_code, usage_extra_intro, usage_extra = _usage(ctx)
     teacher_rows = []
     for i, name in enumerate(ctx.teacher_names):
         label = f"Teacher {i + 1}" if len(ctx.teacher_names) > 1 else "Teacher"
         teacher_rows.append((label, _link(name)))
+    if ctx.teacher_cache:
+        teacher_rows.append(("Teacher outputs", f"read from a cache ({ctx.teacher_cache})"))
     student_cell = f"`{ctx.student_name}` ({ctx.library_name}, {_fmt_params(ctx.student_params)} parameters"
     if ctx.image_size:
         student_cell += f", input {ctx.in_chans}x{ctx.image_size[0]}x{ctx.image_size[1]}"
@@ -596,10 +673,10 @@ def build_model_card(ctx: CardContext) -> ModelCard:
         "method_cell": method_cell,
         "method_description": description,
         "dataset": ctx.dataset,
-        "dataset_cell": _link(ctx.dataset) if dataset_id and "/" in dataset_id else f"`{ctx.dataset}`",
-        "eval_set": f"the evaluation split of `{ctx.dataset}`" if ctx.dataset else "the evaluation set",
+        "dataset_cell": dataset_cell,
+        "eval_set": _eval_set(ctx, dataset_cell),
         "hyperparameters": _safe_items(ctx.hyperparameters),
-        "result_rows": result_rows,
+        "result_tables": result_tables,
         "result_lines": result_lines,
         "other_metrics": other_metrics,
         "size_rows": size_rows,
@@ -616,3 +693,69 @@ def build_model_card(ctx: CardContext) -> ModelCard:
     card_data = _card_data(ctx, teachers_hub, dataset_id, model_name)
     rendered = ModelCard.from_template(card_data, template_path=template_path(), card=card)
     return ModelCard(scrub_secrets(str(rendered)))
+
+
+def _eval_set(ctx: CardContext, dataset_cell: str) -> str:
+    """``the `test` split of `cifar10` (10,000 images); each image resized to ...``: what was evaluated, and how."""
+    of = f" of {dataset_cell}" if ctx.dataset else ""
+    size = f" ({ctx.eval_size:,} images)" if ctx.eval_size else ""
+    text = f"the `{ctx.eval_split}` split{of}{size}" if ctx.eval_split else f"an evaluation set{of}{size}"
+    if ctx.preprocessing:
+        text += f"; {ctx.preprocessing}, as the exported model's own preprocessing does"
+    return text
+
+
+def run_record(trainer) -> dict[str, Any]:
+    """What a :class:`~hf_distill.DistillationTrainer` run adds to its card besides its arguments and metrics:
+    the method's own declarations, the evaluation split and size, how student and teacher were measured,
+    the training augmentation and where cached teacher outputs came from (CardContext fields)."""
+    from .preprocessing import describe, fed_as_own, raw_images_of
+
+    method, metrics = trainer.method, trainer.model_card_metrics()
+    record: dict[str, Any] = {"method_title": method.title or None, "method_description": method.description or None,
+                              "metric_kinds": dict(method.metric_kinds),
+                              "teacher_keys": dict(getattr(method, "teacher_display", {}) or {})}
+    evaluation = trainer.eval_dataset
+    if evaluation is not None and not isinstance(evaluation, dict):
+        split = trainer.card_info.get("eval_split") or getattr(evaluation, "split", None)
+        raw = raw_images_of(evaluation)
+        if split is None and raw is not None:
+            split = getattr(raw.dataset, "split", None)
+        record["eval_split"] = str(split) if split else None
+        record["eval_size"] = len(evaluation) if hasattr(evaluation, "__len__") else None
+        if raw is not None:
+            record["preprocessing"] = describe(trainer.student_spec)
+        teachers = list(trainer.teachers.models)
+        if "teacher_accuracy_student_input" in metrics:
+            record["teacher_measurement"] = (
+                "The teacher's accuracy is measured on the same raw images with its own preprocessing (as its own "
+                "library loads it); \"fed the student's input\" is what it scores on the student's evaluation "
+                "batches, re-normalised for it: the input it taught from.")
+        elif teachers and raw is not None and all(fed_as_own(t, trainer.student_spec) for t in teachers):
+            record["teacher_measurement"] = ("The teacher's accuracy is measured on the student's evaluation batches, "
+                                             "which are its own preprocessing.")
+        elif teachers:
+            record["teacher_measurement"] = (
+                "The teacher's accuracy is measured on the student's evaluation batches, re-normalised for it (the "
+                "raw images were not known to the trainer, so its own preprocessing could not be applied).")
+    extra = {}
+    cache = trainer.teacher_cache
+    train, augmentation = trainer.train_dataset, None
+    for _ in range(3):  # through the wrappers mixing puts around the dataset with_image_transform made
+        augmentation = getattr(train, "hf_distill_augmentation", None)
+        if augmentation is not None or not hasattr(train, "dataset"):
+            break
+        train = train.dataset
+    if cache is not None:
+        augmentation = cache.augmentation
+        origin = ", ".join(f"`{n}`" for n in cache.config.get("teacher_id") or []) or "its teacher"
+        views = f"{cache.stored_epochs} stored epoch{'s' if cache.stored_epochs != 1 else ''} of views"
+        record["teacher_cache"] = (f"`{os.path.basename(os.path.normpath(cache.cache_dir))}`, built from {origin}: "
+                                   f"{'top-' + str(cache.top_k) + ' logits' if cache.top_k else 'full outputs'}, "
+                                   f"{views} ({cache.augmentation} augmentation)"
+                                   + (", mixed images" if cache.mixed else ""))
+        extra["teacher_outputs"] = "cached (" + record["teacher_cache"] + ")"
+    if augmentation is not None:
+        extra["train_augmentation"] = augmentation
+    record["hyperparameters"] = {**method.hyperparameters(), **extra}
+    return record

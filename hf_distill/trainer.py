@@ -19,7 +19,7 @@ from .callbacks import SetEpochCallback
 from .data import class_names_for, collate_images
 from .losses import perturb_logits
 from .methods import Progress, StepOutputs, get_method
-from .model_card import CardContext, build_model_card, measure_latency_ms
+from .model_card import CardContext, build_model_card, measure_latency_ms, run_record
 from .preprocessing import with_own_teacher_accuracy
 from .models import (
     call_model,
@@ -317,6 +317,10 @@ class DistillationTrainer(Trainer):
         elif args.teacher_sharding == "fsdp" and len(self.teachers):
             logger.warning("teacher_sharding='fsdp' with a single process: the teacher stays whole")
         self.teachers.to(device=args.teacher_device or self.args.device, dtype=self._teacher_dtype())
+        from .inert import inert_settings
+
+        for line in inert_settings(self, train_dataset, eval_dataset, knn_train_dataset):
+            logger.warning(line)
 
     def _assemble(self, student: nn.Module, args) -> "DistillationModel":
         """The trained container for a student: the method set up on it, the teachers' input adapters and
@@ -966,12 +970,7 @@ class DistillationTrainer(Trainer):
         """Everything the generated model card reports, from this run."""
         student, args = self.student, self.args
         spec = self.student_spec
-        metrics = {}
-        for entry in self.state.log_history:
-            for key, value in entry.items():
-                if key.startswith("eval_") and isinstance(value, (int, float)) and not key.endswith(
-                        ("_runtime", "_per_second", "_loss")):
-                    metrics[key[len("eval_"):]] = float(value)
+        metrics = self.model_card_metrics()
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
         world = self.accelerator.num_processes
         training = {
@@ -1001,7 +1000,6 @@ class DistillationTrainer(Trainer):
             teacher_names=teacher_names,
             teacher_params=[count_parameters(t) for t in self.teachers.models],
             method_paper=self.method.paper,
-            hyperparameters=self.method.hyperparameters(),
             metrics=metrics,
             dataset=self.card_info.get("dataset"),
             license=self.card_info.get("license"),
@@ -1013,10 +1011,21 @@ class DistillationTrainer(Trainer):
             in_chans=spec.in_chans,
             notes={**self.method.card_notes(), **self.card_info.get("notes", {})},
             task="image-classification" if self.method.student_output == "logits" else "image-feature-extraction",
+            **run_record(self),
         )
         for key, value in overrides.items():
             setattr(ctx, key, value)
         return ctx
+
+    def model_card_metrics(self) -> dict[str, float]:
+        """The last evaluation's metrics (without ``eval_``), as the card reports them."""
+        metrics = {}
+        for entry in self.state.log_history:
+            for key, value in entry.items():
+                if key.startswith("eval_") and isinstance(value, (int, float)) and not key.endswith(
+                        ("_runtime", "_per_second", "_loss", "_preparation_time")):
+                    metrics[key[len("eval_"):]] = float(value)
+        return metrics
 
     def _timing(self) -> dict:
         """Inference time of student and teachers, measured once per run on this machine."""

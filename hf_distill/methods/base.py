@@ -71,6 +71,17 @@ class DistillationMethod:
     default_temperature: ClassVar[float] = 4.0
     preset: ClassVar[dict] = {}  # defaults for shared arguments the user left unset (None)
     paper: ClassVar[tuple[str, str] | None] = None  # (title, url) for model cards
+    # model cards: the method's human name and one sentence on what it does (an instance may refine them
+    # in setup, e.g. BYOT with a teacher)
+    title: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    # the kind of each evaluation metric the method reports (regular expression over the name without
+    # "eval_" -> kind), first match wins: accuracy, knn, cosine, agreement, divergence
+    metric_kinds: ClassVar[dict[str, str]] = {
+        r"(teacher\d*_|teacher_|exit\d+_|ensemble_|\w+_head_)?accuracy(_student_input)?": "accuracy",
+        r"teacher_agreement": "agreement",
+        r"teacher_kl": "divergence",
+    }
     uses_alpha: ClassVar[bool] = True  # False: refuse an alpha given by the user, saying what weighs the terms
     alpha_instead: ClassVar[str] = ""
     standardizes_logits: ClassVar[bool] = True  # logit_standardization reaches its KL teacher term
@@ -174,6 +185,33 @@ class DistillationMethod:
         """Facts for the model card's notes (e.g. which student an SFTN teacher was made for)."""
         return {}
 
+    @classmethod
+    def metric_kind(cls, name: str) -> str | None:
+        """The kind of an evaluation metric (``eval_`` prefix allowed), or None for one the method does not
+        declare (the card lists those as other metrics)."""
+        import re
+
+        name = name[len("eval_"):] if name.startswith("eval_") else name
+        return next((kind for pattern, kind in cls.metric_kinds.items() if re.fullmatch(pattern, name)), None)
+
     def hyperparameters(self) -> dict[str, Any]:
-        """The arguments that define this run of the method, for model cards."""
-        return {}
+        """The arguments that define this run of the method, for model cards.
+
+        Subclasses return their own merged with these: the settings every method shares that shaped the run
+        (mixup / CutMix, teacher noise, logit standardisation, the teacher ensemble)."""
+        a, params = self.args, {}
+        mixing = a.mixing
+        if mixing.enabled:  # timm's Mixup arguments, each batch mixed before student and teacher see it
+            params.update(mixup_alpha=mixing.mixup_alpha, cutmix_alpha=mixing.cutmix_alpha)
+            if mixing.cutmix_minmax is not None:
+                params["cutmix_minmax"] = list(mixing.cutmix_minmax)
+            params.update(mixup_prob=mixing.mixup_prob, mixup_mode=mixing.mixup_mode)
+            if mixing.mixup_alpha > 0 and (mixing.cutmix_alpha > 0 or mixing.cutmix_minmax is not None):
+                params["mixup_switch_prob"] = mixing.mixup_switch_prob
+        if a.teacher_noise_prob and a.teacher_noise_std:
+            params.update(teacher_noise_std=a.teacher_noise_std, teacher_noise_prob=a.teacher_noise_prob)
+        if a.logit_standardization:
+            params["logit_standardization"] = True
+        if len(a.teacher_names) > 1:
+            params["teacher_ensemble"] = a.teacher_ensemble
+        return params

@@ -69,6 +69,14 @@ class BeYourOwnTeacher(DistillationMethod):
                     "byot_feature_weight": {"low": 0.003, "high": 0.3, "log": True}}
     paper = ("Be Your Own Teacher: Improve the Performance of Convolutional Neural Networks via Self "
              "Distillation (Zhang et al., ICCV 2019)", "https://arxiv.org/abs/1905.08094")
+    title = "Be Your Own Teacher (self-distillation)"
+    description = ("Shallow classifiers attached after the student's stages learn from its deepest classifier "
+                   "(soft targets and features), so the network is its own teacher; every exit can be used on its "
+                   "own for faster inference.")
+    with_teacher_description = (
+        "Shallow classifiers attached after the student's stages learn from its deepest classifier (soft targets "
+        "and features), while the deepest classifier itself is distilled from an external teacher (the KD term "
+        "below); every exit can be used on its own for faster inference.")
 
     def __init__(self, args):
         super().__init__(args)
@@ -111,6 +119,9 @@ class BeYourOwnTeacher(DistillationMethod):
         self.exit_layers = stages[:-1] if exits in ([], ["auto"]) else exits
         if not self.exit_layers:
             raise ValueError("byot: the student has a single stage, there is nowhere to attach an exit")
+        self.with_teacher = bool(teachers) or bool(self.args.teacher_cache_dir)
+        if self.with_teacher:
+            self.description = self.with_teacher_description
         if self.hints is not None:
             if not teachers:
                 raise ValueError("byot with hint_layers needs a teacher (teacher_model_name_or_path) for the hints")
@@ -202,5 +213,7 @@ class BeYourOwnTeacher(DistillationMethod):
                 "byot_feature_weight": a.byot_feature_weight, "byot_feature_reduction": a.byot_feature_reduction,
                 "byot_exit_bottleneck": a.byot_exit_bottleneck, "temperature": a.temperature,
                 "byot_export_exits": a.byot_export_exits,
+                **({"teacher_term": "KD on the deepest classifier", "alpha": a.alpha, "distill_loss": a.distill_loss}
+                   if getattr(self, "with_teacher", False) else {}),
                 **({"hint_layers": [f"{s}:{t}" for s, t in self.hints.pairs], "hint_weight": a.hint_weight}
-                   if self.hints is not None else {})}
+                   if self.hints is not None else {}), **super().hyperparameters()}

@@ -35,6 +35,9 @@ class DIST(DistillationMethod):
     standardizes_logits = False  # Pearson correlations are already blind to each row's offset
     paper = ("Knowledge Distillation from A Stronger Teacher (Huang et al., NeurIPS 2022)",
              "https://arxiv.org/abs/2205.10536")
+    title = "DIST (relational distillation from a stronger teacher)"
+    description = ("The student matches the relations of the teacher's class probabilities (Pearson correlation "
+                   "across classes per image and across images per class) rather than the probabilities themselves.")
 
     @classmethod
     def validate(cls, args) -> None:
@@ -68,4 +71,4 @@ class DIST(DistillationMethod):
     def hyperparameters(self):
         a = self.args
         return {"temperature": a.temperature, "dist_beta": a.dist_beta, "dist_gamma": a.dist_gamma,
-                "dist_weight": a.dist_weight, "dist_ce_weight": a.dist_ce_weight}
+                "dist_weight": a.dist_weight, "dist_ce_weight": a.dist_ce_weight, **super().hyperparameters()}

@@ -35,6 +35,9 @@ class DecoupledKD(DistillationMethod):
     mixes = False
     no_mixing = "DKD splits the teacher's knowledge at each image's one label, which a mixed image does not have"
     paper = ("Decoupled Knowledge Distillation (Zhao et al., CVPR 2022)", "https://arxiv.org/abs/2203.08679")
+    title = "Decoupled knowledge distillation (DKD)"
+    description = ("The teacher's knowledge is split into a target-class term (TCKD) and a non-target-class term "
+                   "(NCKD), each with its own weight, added to the label cross-entropy after a linear warm-up.")
 
     @classmethod
     def validate(cls, args) -> None:
@@ -78,5 +81,4 @@ class DecoupledKD(DistillationMethod):
     def hyperparameters(self):
         a = self.args
         return {"temperature": a.temperature, "dkd_alpha": a.dkd_alpha, "dkd_beta": a.dkd_beta,
-                "dkd_warmup_epochs": a.dkd_warmup_epochs, "label_ce_weight": 1.0,
-                **({"logit_standardization": True} if a.logit_standardization else {})}
+                "dkd_warmup_epochs": a.dkd_warmup_epochs, "label_ce_weight": 1.0, **super().hyperparameters()}

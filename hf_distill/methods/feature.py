@@ -78,6 +78,10 @@ class FeatureDistillation(DistillationMethod):
     standardizes_logits = False
     paper = ("AM-RADIO: Agglomerative Vision Foundation Model - Reduce All Domains Into One (Ranzinger et al., "
              "CVPR 2024)", "https://arxiv.org/abs/2312.06709")
+    title = "Label-free feature distillation (RADIO-style)"
+    description = ("The student backbone learns to reproduce the teachers' features (summary vector and/or spatial "
+                   "map) through small trained adaptors, without labels; the export is the backbone.")
+    metric_kinds = {r"feature_cosine(_.+)?": "cosine", r"(teacher_)?knn_accuracy(_.+)?": "knn"}
 
     def __init__(self, args):
         super().__init__(args)
@@ -117,6 +121,7 @@ class FeatureDistillation(DistillationMethod):
 
         names = [display_name(t) for t in teachers] or [short_name(n) for n in self._cached_teachers]
         self.keys = teacher_keys(names)
+        self.teacher_display = dict(zip(self.keys, names))  # the key in metric names -> the teacher's name
         weights = self.args.feature_teacher_weights
         if weights is not None and len(weights) != len(names):
             raise ValueError(f"feature_teacher_weights has {len(weights)} values for {len(names)} teachers")
@@ -181,14 +186,14 @@ class FeatureDistillation(DistillationMethod):
 
     def card_notes(self) -> dict[str, str]:
         return {"Feature distillation": f"the student reproduces the {' and '.join(self.targets)} features of "
-                + ", ".join(f"`{k}`" for k in self.keys) + " through trained adaptors, without labels; the exported "
+                + ", ".join(f"`{self.teacher_display.get(k, k)}`" for k in self.keys) + " through trained adaptors, without labels; the exported "
                 "model is the student backbone" + (" (adaptors exported too)" if self.args.feature_export_adaptors
                                                    else "")}
 
     def hyperparameters(self):
         a = self.args
-        return {"feature_targets": self.targets, "teachers": self.keys, "feature_teacher_weights": self.weights,
+        return {"feature_targets": self.targets, "feature_teacher_weights": self.weights,
                 "feature_summary_weight": a.feature_summary_weight, "feature_spatial_weight": a.feature_spatial_weight,
                 "feature_standardize_batches": a.feature_standardize_batches,
                 "feature_adaptor_mult": a.feature_adaptor_mult, "losses": "summary 1 - cos; spatial 0.9 (1 - cos) + "
-                "0.1 smooth L1 on the teacher's grid"}
+                "0.1 smooth L1 on the teacher's grid", **super().hyperparameters()}

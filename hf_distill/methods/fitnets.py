@@ -182,6 +182,9 @@ class FitNets(DistillationMethod):
     name = "fitnets"
     arguments = FitNetsArguments
     paper = ("FitNets: Hints for Thin Deep Nets (Romero et al., ICLR 2015)", "https://arxiv.org/abs/1412.6550")
+    title = "FitNets (hint-based distillation)"
+    description = ("The student first learns to regress the teacher's intermediate feature maps (hints) through "
+                   "small regressors, then is distilled on the teacher's soft targets with a decaying weight.")
 
     def __init__(self, args):
         super().__init__(args)
@@ -333,5 +336,5 @@ class FitNets(DistillationMethod):
             ("first quarter of training" if a.hint_weight == 0 else 0),
             "hint_weight": a.hint_weight, "temperature": a.temperature, "alpha": a.alpha,
             "soft_weight_schedule": a.soft_weight_schedule, "soft_weight_start": a.soft_weight_start,
-            "soft_weight_end": a.soft_weight_end,
+            "soft_weight_end": a.soft_weight_end, "distill_loss": a.distill_loss, **super().hyperparameters(),
         }

@@ -16,6 +16,9 @@ class KnowledgeDistillation(DistillationMethod):
 
     name = "kd"
     paper = ("Distilling the Knowledge in a Neural Network (Hinton et al., 2015)", "https://arxiv.org/abs/1503.02531")
+    title = "Knowledge distillation (KD)"
+    description = ("The student learns to match the teacher's temperature-softened class probabilities (a "
+                   "KL-divergence term weighed by alpha) together with the cross-entropy on the ground-truth labels.")
 
     def labels_needed(self) -> bool:
         return self.args.alpha < 1  # alpha = 1: the teacher term alone, no labels needed
@@ -27,14 +30,8 @@ class KnowledgeDistillation(DistillationMethod):
 
     def hyperparameters(self):
         a = self.args
-        params = {"temperature": a.temperature, "alpha": a.alpha, "distill_loss": a.distill_loss}
-        if a.logit_standardization:
-            params["logit_standardization"] = True
-        if a.teacher_noise_prob and a.teacher_noise_std:
-            params.update(teacher_noise_std=a.teacher_noise_std, teacher_noise_prob=a.teacher_noise_prob)
-        if len(a.teacher_names) > 1:
-            params["teacher_ensemble"] = a.teacher_ensemble
-        return params
+        return {"temperature": a.temperature, "alpha": a.alpha, "distill_loss": a.distill_loss,
+                **super().hyperparameters()}
 
 
 class NoisyTeacher(KnowledgeDistillation):
@@ -48,6 +45,9 @@ class NoisyTeacher(KnowledgeDistillation):
     preset = {"distill_loss": "mse", "teacher_noise_std": 0.2, "teacher_noise_prob": 0.5}
     paper = ("Deep Model Compression: Distilling Knowledge from Noisy Teachers (Sau & Balasubramanian, 2016)",
              "https://arxiv.org/abs/1610.09650")
+    title = "Noisy teacher distillation"
+    description = ("The student regresses the teacher's logits, randomly perturbed during training (a regulariser "
+                   "that simulates learning from several teachers), next to the label cross-entropy.")
 
 
 class FunctionMatching(KnowledgeDistillation):
@@ -64,6 +64,9 @@ class FunctionMatching(KnowledgeDistillation):
     search_space = {"temperature": {"low": 0.5, "high": 4.0, "log": True}}  # alpha 1: no labels
     paper = ("Knowledge distillation: A good teacher is patient and consistent (Beyer et al., CVPR 2022)",
              "https://arxiv.org/abs/2106.05237")
+    title = "Function matching (consistent, patient KD)"
+    description = ("The student matches the teacher's class probabilities on aggressively mixed images, the teacher "
+                   "seeing exactly the student's mixed image (consistent teaching); mixing is the method.")
 
 
 class Supervised(DistillationMethod):
@@ -73,6 +76,8 @@ class Supervised(DistillationMethod):
     """
 
     name = "supervised"
+    title = "Supervised training (no teacher)"
+    description = "Trained on the ground-truth labels only, without a teacher: a baseline for the distilled students."
     needs_teacher = False
     uses_teacher = False
     uses_alpha = False
@@ -85,3 +90,6 @@ class Supervised(DistillationMethod):
         if out.student_dist_logits is not None:
             ce = 0.5 * (ce + self.ce(out.student_dist_logits, out.labels))
         return ce, {"loss_ce": ce.detach()}
+
+    def hyperparameters(self):
+        return super().hyperparameters()  # mixing, when on: the labels are mixed too

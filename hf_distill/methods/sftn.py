@@ -124,6 +124,10 @@ class SFTN(DistillationMethod):
     standardizes_logits = False
     paper = ("Learning Student-Friendly Teacher Networks for Knowledge Distillation (Park et al., NeurIPS 2021)",
              "https://arxiv.org/abs/2102.07650")
+    title = "Student-Friendly Teacher Networks (SFTN), teacher training"
+    description = ("A teacher trained together with branches built from the student's stages, so that its "
+                   "knowledge is easy for that student to absorb; distill the student from it next.")
+    metric_kinds = {r"branch\d+_accuracy": "accuracy", **DistillationMethod.metric_kinds}
 
     def __init__(self, args):
         super().__init__(args)
@@ -221,7 +225,7 @@ class SFTN(DistillationMethod):
         a = self.args
         return {"sftn_student_model": a.sftn_student_model, "stages": self.stage_names,
                 "sftn_lambda_teacher": a.sftn_lambda_teacher, "sftn_lambda_kl": a.sftn_lambda_kl,
-                "sftn_lambda_ce": a.sftn_lambda_ce, "temperature": a.temperature}
+                "sftn_lambda_ce": a.sftn_lambda_ce, "temperature": a.temperature, **super().hyperparameters()}
 
 
 def _freeze_unused(branch: StudentBranch, t_shape) -> None:
