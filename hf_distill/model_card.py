@@ -480,6 +480,8 @@ def _row_order(name: str) -> tuple:
 
 def _times(ratio: float, more: str, less: str) -> str:
     """``2.19x fewer`` when ratio >= 1, else ``3.10x more`` (a comparison always read the right way round)."""
+    if round(ratio, 2) == 1.0 or round(1 / ratio, 2) == 1.0:
+        return ""
     return f"{ratio:.2f}x {more}" if ratio >= 1 else f"{1 / ratio:.2f}x {less}"
 
 
@@ -499,11 +501,13 @@ def _size(ctx: CardContext) -> tuple[list, list]:
     lines = []
     whom = f"the teacher{'s together' if n > 1 else ''}"
     if teacher_total and ctx.student_params:
-        lines.append(f"**Compression:** the student has "
-                     f"{_times(teacher_total / ctx.student_params, 'fewer', 'more')} parameters than {whom}.")
+        times = _times(teacher_total / ctx.student_params, "fewer", "more")
+        lines.append(f"**Compression:** the student has {times} parameters than {whom}." if times else
+                     f"**Compression:** the student has about as many parameters as {whom}.")
     try:
-        speedup = float(t_ms) / float(s_ms)
-        lines.append(f"**Speed:** the student's inference is {_times(speedup, 'faster', 'slower')} than {whom}.")
+        times = _times(float(t_ms) / float(s_ms), "faster", "slower")
+        lines.append(f"**Speed:** the student's inference is {times} than {whom}." if times else
+                     f"**Speed:** the student's inference is about as fast as {whom}'s.")
     except (TypeError, ValueError, ZeroDivisionError):
         pass
     if ctx.teacher_cache and not teacher_total:
@@ -752,7 +756,8 @@ def run_record(trainer) -> dict[str, Any]:
         views = f"{cache.stored_epochs} stored epoch{'s' if cache.stored_epochs != 1 else ''} of views"
         record["teacher_cache"] = (f"`{os.path.basename(os.path.normpath(cache.cache_dir))}`, built from {origin}: "
                                    f"{'top-' + str(cache.top_k) + ' logits' if cache.top_k else 'full outputs'}, "
-                                   f"{views} ({cache.augmentation} augmentation)"
+                                   f"{views} ({'no' if cache.augmentation == 'none' else cache.augmentation} "
+                                   "augmentation)"
                                    + (", mixed images" if cache.mixed else ""))
         extra["teacher_outputs"] = "cached (" + record["teacher_cache"] + ")"
     if augmentation is not None:
