@@ -88,6 +88,7 @@ class CardContext:
     metric_kinds: dict[str, str] | None = None
     eval_split: str | None = None  # the evaluation split's name ("test"), when known
     eval_size: int | None = None  # how many images it holds
+    eval_held_out: bool = False  # the evaluation images are a held-out part of the split named eval_split
     preprocessing: str | None = None  # how the evaluation images were preprocessed, in words
     teacher_measurement: str | None = None  # how the teacher's accuracy was measured, in words
     teacher_keys: dict[str, str] = field(default_factory=dict)  # teacher key in metric names -> teacher name
@@ -703,10 +704,24 @@ def _eval_set(ctx: CardContext, dataset_cell: str) -> str:
     """``the `test` split of `cifar10` (10,000 images); each image resized to ...``: what was evaluated, and how."""
     of = f" of {dataset_cell}" if ctx.dataset else ""
     size = f" ({ctx.eval_size:,} images)" if ctx.eval_size else ""
-    text = f"the `{ctx.eval_split}` split{of}{size}" if ctx.eval_split else f"an evaluation set{of}{size}"
+    if ctx.eval_split and ctx.eval_held_out:
+        text = f"a held-out part of the `{ctx.eval_split}` split{of}{size}, not trained on"
+    elif ctx.eval_split:
+        text = f"the `{ctx.eval_split}` split{of}{size}"
+    else:
+        text = f"an evaluation set{of}{size}"
     if ctx.preprocessing:
         text += f"; {ctx.preprocessing}, as the exported model's own preprocessing does"
     return text
+
+
+def _unwrapped(dataset):
+    """The dataset :func:`hf_distill.data.with_image_transform` made, through the wrappers mixing puts around it."""
+    for _ in range(3):
+        if dataset is None or hasattr(dataset, "hf_distill_images") or not hasattr(dataset, "dataset"):
+            break
+        dataset = dataset.dataset
+    return dataset
 
 
 def run_record(trainer) -> dict[str, Any]:
@@ -720,12 +735,17 @@ def run_record(trainer) -> dict[str, Any]:
                               "metric_kinds": dict(method.metric_kinds),
                               "teacher_keys": dict(getattr(method, "teacher_display", {}) or {})}
     evaluation = trainer.eval_dataset
+    train = _unwrapped(trainer.train_dataset)
     if evaluation is not None and not isinstance(evaluation, dict):
         split = trainer.card_info.get("eval_split") or getattr(evaluation, "split", None)
         raw = raw_images_of(evaluation)
         if split is None and raw is not None:
             split = getattr(raw.dataset, "split", None)
         record["eval_split"] = str(split) if split else None
+        train_split = getattr(getattr(train, "hf_distill_images", None), "dataset", train)
+        train_split = getattr(train_split, "split", None)
+        # train_test_split keeps the parent's split name: an evaluation "train" split is a held-out part of it
+        record["eval_held_out"] = bool(split) and train_split is not None and str(split) == str(train_split)
         record["eval_size"] = len(evaluation) if hasattr(evaluation, "__len__") else None
         if raw is not None:
             record["preprocessing"] = describe(trainer.student_spec)
@@ -744,12 +764,7 @@ def run_record(trainer) -> dict[str, Any]:
                 "raw images were not known to the trainer, so its own preprocessing could not be applied).")
     extra = {}
     cache = trainer.teacher_cache
-    train, augmentation = trainer.train_dataset, None
-    for _ in range(3):  # through the wrappers mixing puts around the dataset with_image_transform made
-        augmentation = getattr(train, "hf_distill_augmentation", None)
-        if augmentation is not None or not hasattr(train, "dataset"):
-            break
-        train = train.dataset
+    augmentation = getattr(train, "hf_distill_augmentation", None)
     if cache is not None:
         augmentation = cache.augmentation
         origin = ", ".join(f"`{n}`" for n in cache.config.get("teacher_id") or []) or "its teacher"

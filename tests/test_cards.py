@@ -265,3 +265,22 @@ def test_every_method_has_a_card_test():
               "feature"}
     assert tested == set(METHODS)
     assert all(m.title and m.description for m in METHODS.values())
+
+
+def test_evaluation_split_is_named_and_a_held_out_part_says_so(digits, make_args, tmp_path):
+    from datasets import DatasetDict, NamedSplit
+
+    from hf_distill.data import split_train_eval
+
+    full = digits["train"].select(range(80))
+    named = DatasetDict(train=type(full).from_dict(full.to_dict(), features=full.features, split=NamedSplit("train")))
+    train, evaluation = split_train_eval(named, eval_fraction=0.25)  # no other split: a held-out part of train
+    student = tiny_timm(seed=1)
+    trainer = DistillationTrainer(model=student, args=make_args(distill_method="supervised",
+                                                                output_dir=str(tmp_path / "o")),
+                                  train_dataset=with_image_transform(train, student, training=True),
+                                  eval_dataset=with_image_transform(evaluation, student))
+    trainer.evaluate()
+    trainer.save_model()
+    text = (tmp_path / "o" / "README.md").read_text()
+    assert "Evaluated on a held-out part of the `train` split (20 images), not trained on;" in text

@@ -20,12 +20,12 @@ NAMES = [f"digit-{i}" for i in range(10)]
 
 def _shaped(digits, split, n, shape, mode):
     """Digits enlarged to ``shape`` (aspect ratio changed), as PIL images in ``mode``, with named classes."""
-    from datasets import ClassLabel, Dataset, Features, Image
+    from datasets import ClassLabel, Dataset, Features, Image, NamedSplit
 
     part = digits[split].select(range(n))
     images = [img.convert(mode).resize(shape[::-1]) for img in part["image"]]
     features = Features({"image": Image(), "label": ClassLabel(names=NAMES)})
-    return Dataset.from_dict({"image": images, "label": part["label"]}, features=features)
+    return Dataset.from_dict({"image": images, "label": part["label"]}, features=features, split=NamedSplit(split))
 
 
 def _train(student, digits, shape, mode, make_args):
@@ -99,7 +99,7 @@ def test_teacher_accuracy_is_measured_with_the_teachers_own_preprocessing(digits
 
     from hf_distill import load_model
     from hf_distill.data import collate_images
-    from hf_distill.models import call_model
+    from hf_distill.models import call_model, display_name
 
     shape = SHAPES["wide"]
     first = tiny_hf_resnet(in_chans=3, spec=tiny_spec(mean=(0.5,) * 3, std=(0.5,) * 3, in_chans=3, size=24))
@@ -123,3 +123,12 @@ def test_teacher_accuracy_is_measured_with_the_teachers_own_preprocessing(digits
     assert metrics["eval_teacher_accuracy"] == pytest.approx(by_pipeline, abs=1e-12)
     assert metrics["eval_teacher_accuracy_student_input"] == pytest.approx(on_student_input, abs=1e-12)
     assert by_pipeline != on_student_input  # the two measurements differ here: the test tells them apart
+
+    kd.save_model(str(tmp_path / "student"))  # the card says which is which
+    card = (tmp_path / "student" / "README.md").read_text()
+    name = display_name(teacher)
+    assert f"| Teacher (`{name}`) | {by_pipeline * 100:.2f}% | `eval_teacher_accuracy` |" in card
+    assert (f"| Teacher (`{name}`), fed the student's input | {on_student_input * 100:.2f}% | "
+            "`eval_teacher_accuracy_student_input` |") in card
+    assert "measured on the same raw images with its own preprocessing" in card
+    assert "Evaluated on the `test` split (48 images); each image resized to 16x16" in card
