@@ -17,6 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .arguments import DistillationTrainingArguments
 from .callbacks import SetEpochCallback
 from .data import class_names_for, collate_images
+from .inert import inert_settings
 from .losses import perturb_logits
 from .methods import Progress, StepOutputs, get_method
 from .model_card import CardContext, build_model_card, measure_latency_ms, run_record
@@ -317,8 +318,6 @@ class DistillationTrainer(Trainer):
         elif args.teacher_sharding == "fsdp" and len(self.teachers):
             logger.warning("teacher_sharding='fsdp' with a single process: the teacher stays whole")
         self.teachers.to(device=args.teacher_device or self.args.device, dtype=self._teacher_dtype())
-        from .inert import inert_settings
-
         for line in inert_settings(self, train_dataset, eval_dataset, knn_train_dataset):
             logger.warning(line)
 
