@@ -41,7 +41,7 @@ def _vit_backbone(seed=2):
 
 def _run(make_args, data, tmp_path, method, student, teacher=None, spec=None, knn=False, labelled=True, **kw):
     train, evaluation = data(spec or tiny_spec(), labelled=labelled)
-    extra = {"knn_train_dataset": data(spec or tiny_spec())[1]} if knn else {}
+    extra = {"knn_train_dataset": data(spec or tiny_spec())[0]} if knn else {}  # labelled training images
     trainer = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=train, eval_dataset=evaluation,
                                   args=make_args(distill_method=method, max_steps=2, output_dir=str(tmp_path / "out"),
                                                  **kw), **extra)
