@@ -123,6 +123,14 @@ def _check(trainer, text: str) -> dict:
             want = f"{ratio:.2f}x fewer" if ratio >= 1 else f"{1 / ratio:.2f}x more"
             assert f"the student has {want} parameters" in size
     assert not re.search(r"\b0\.\d+x (fewer|faster|more|slower)", size)
+    timing = trainer._timing()
+    assert f"| {timing['student_ms_per_image']:.3f} |" in size
+    if "teacher_ms_per_image" in timing:
+        speed = timing["teacher_ms_per_image"] / timing["student_ms_per_image"]
+        if round(speed, 2) == 1.0 or round(1 / speed, 2) == 1.0:
+            assert "about as fast as the teacher" in size
+        else:
+            assert (f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower") in size
 
     # the dataset: a local folder is no dataset type, its name is its last part
     if "model-index" in meta:
