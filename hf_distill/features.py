@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import is_timm_model, is_transformers_model
+from .models import input_spec, is_timm_model, is_transformers_model, set_input_spec
 
 FEATURE_TARGETS = ("summary", "spatial")
 
@@ -288,7 +288,10 @@ def export_backbone(model: nn.Module):
     import copy
 
     if is_transformers_model(model):
-        return vision_backbone(model)
+        backbone = vision_backbone(model)
+        if backbone is not model:  # a submodule (CLIP's vision tower): it is exported with the student's input
+            set_input_spec(backbone, input_spec(model))
+        return backbone
     if is_timm_model(model) and getattr(model, "num_classes", 0):
         backbone = copy.deepcopy(model)
         backbone.reset_classifier(0)
