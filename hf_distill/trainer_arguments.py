@@ -65,9 +65,10 @@ SUPPORT: dict[str, tuple[str, str]] = {
     "activation_checkpointing_kwargs": (WORKS, "transformers students only; timm takes no options"),
     "gradient_checkpointing": (WORKS, "alias of activation_checkpointing"),
     "gradient_checkpointing_kwargs": (WORKS, "alias of activation_checkpointing_kwargs"),
-    "torch_compile": (WORKS, "feature-tap hooks and FitNets' early stop compile too"),
-    "torch_compile_backend": (WORKS, ""),
-    "torch_compile_mode": (WORKS, ""),
+    "torch_compile": (WORKS, "compiles the student with the method's extra modules and feature taps (FitNets' "
+                      "early stop too; no graph break for any method); the teachers follow (teacher_compile)"),
+    "torch_compile_backend": (WORKS, "also the teachers', unless teacher_compile_backend is set"),
+    "torch_compile_mode": (WORKS, "also the teachers', unless teacher_compile_mode is set"),
     "use_liger_kernel": (REFUSED, _LLM),
     "liger_kernel_config": (REFUSED, _LLM),
     "use_cache": (NO_EFFECT, "a generation cache of language models"),
