@@ -110,7 +110,7 @@ PARITY = {
                 dict(distill_method="fitnets", hint_layers=["layer1:resnet.encoder.stages.1"], hint_epochs=0.25,
                      hint_weight=0.0), 3, 4),
     "byot": (lambda: tiny_timm(seed=1), lambda: None, dict(distill_method="byot"), 1, 1),
-    "feature": (lambda: backbone("resnet10t", 1), lambda: [backbone("vit", 2), backbone("resnet18", 3)],
+    "feature": (lambda: backbone("resnet10t", 1), lambda: [backbone("vit", 2), backbone("test_resnet", 3)],
                 dict(distill_method="feature"), 1, 3),
     "token": (lambda: tiny_deit(seed=1), lambda: tiny_timm(seed=2), {}, 1, 2),
 }
@@ -161,7 +161,7 @@ def test_no_graph_break_and_no_recompilation(family, method, kw, make_args, data
             set_input_spec(student, SPEC)
         else:
             student = backbone("vit" if family == "timm_vit" else "resnet10t", 1)
-        teacher = backbone("resnet18", 2)
+        teacher = backbone("test_resnet", 2)
     elif method in ("byot", "sftn"):
         student, teacher = make(1), None
     else:
@@ -177,7 +177,7 @@ def test_no_graph_break_and_no_recompilation(family, method, kw, make_args, data
 def test_compiled_teachers_equal_eager_ones(dtype):
     torch.manual_seed(0)
     x = torch.randn(4, 1, 16, 16)
-    models = [tiny_timm(seed=2), tiny_vit(seed=3), tiny_hf_resnet(seed=4)]
+    models = [tiny_timm(seed=2), tiny_vit(seed=3)]  # (a transformers teacher compiles in the FitNets run above)
     eager = Teachers(models, SPEC, layers=["layer1"]).to(dtype=dtype)
     compiled = Teachers(models, SPEC, layers=["layer1"]).compile(backend="aot_eager")
     tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -191,7 +191,7 @@ def test_compiled_teachers_equal_eager_ones(dtype):
     for (ws, wm), (gs, gm) in zip(eager.backbone_features(x), compiled.backbone_features(x)):
         torch.testing.assert_close(gs, ws, **tol)
         torch.testing.assert_close(gm, wm, **tol)
-    assert len(compiled._compiled) == 3 + 1 + 3  # logits per teacher, the early stop, features per teacher
+    assert len(compiled._compiled) == 2 + 1 + 2  # logits per teacher, the early stop, features per teacher
 
 
 def test_inductor_teacher_matches_eager():
