@@ -9,6 +9,7 @@ from transformers import TrainingArguments
 
 from .losses import DISTILL_LOSSES
 from .methods import METHODS, get_method
+from .trainer_arguments import SpeedArguments
 
 # Each method may bring a dataclass of its own arguments; they all join one argument class,
 # so a new method adds its fields in its own module.
@@ -19,7 +20,7 @@ _SECRET_FIELDS = ("hub_token", "push_to_hub_token")
 
 
 @dataclass
-class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
+class DistillationTrainingArguments(*METHOD_ARGUMENTS, SpeedArguments, TrainingArguments):
     """``transformers.TrainingArguments`` plus what distillation needs.
 
     Every Trainer argument still works. Method-specific arguments are documented with their

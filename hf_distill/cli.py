@@ -480,7 +480,7 @@ def _cache_teacher_main(argv: Sequence[str]) -> int:
         seed=args.data_seed if args.data_seed is not None else args.seed, mixing=args.mixing,
         teacher_id=args.teacher_names, teacher_revision=args.teacher_revision,
         image_column=data_args.image_column_name, label_column=data_args.label_column_name,
-        overwrite=cache_args.overwrite, **extra,
+        overwrite=cache_args.overwrite, teacher_compile=args.teacher_compile_options, **extra,
     )
     print(f"teacher cache ready in {args.teacher_cache_dir} ({cache})")
     return 0

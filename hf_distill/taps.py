@@ -478,6 +478,13 @@ class FeatureTaps:
         """``{name: tensor}`` of the last forward pass (a new dict; the tensors are not copied)."""
         return dict(self._features)
 
+    def set_layouts(self, layouts: Mapping[str, str]) -> None:
+        """Record known layouts of tapped layers (e.g. from :func:`probe_features`) before the first capture;
+        overrides given at construction stay."""
+        for name, layout in layouts.items():
+            if name in self._layers and name not in self._overrides:
+                self._layouts[name] = _check_layout(layout)
+
     @property
     def layouts(self) -> dict[str, str]:
         """``{name: layout}`` for the overridden layers and those captured at least once."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -77,19 +78,66 @@ class Teachers(nn.Module):
         self._taps = FeatureTaps(self.models[0], layers, detach=True) if layers and len(self.models) else None
         self._features: dict[str, torch.Tensor] = {}
         self.sharded = False  # FSDP2 over the processes (hf_distill.sharding): every forward is collective
+        self.compile_options: dict | None = None  # set by compile(): torch.compile keywords
+        self._compiled: dict[tuple[str, int], Any] = {}
 
     def rebuilt(self, student_spec: InputSpec, layers: Sequence[str] = ()) -> "Teachers":
-        """The same teacher models (frozen, placed, sharded as they are) for another student or other tapped
-        layers: this wrapper's hooks are removed, the new adapters follow the old ones' device and dtype."""
+        """The same teacher models (frozen, placed, sharded, compiled as they are) for another student or other
+        tapped layers: this wrapper's hooks are removed, the new adapters follow the old ones' device and dtype."""
         if self._taps is not None:
             self._taps.remove()
         new = Teachers(list(self.models), student_spec, layers)
         new.sharded = self.sharded
+        if self.compile_options is not None:
+            new.compile(**self.compile_options)
         for old, adapter in zip(self.adapters, new.adapters):
             buffer = next(old.buffers(), None)
             if buffer is not None:
                 adapter.to(device=buffer.device, dtype=buffer.dtype)
         return new
+
+    def compile(self, backend: str = "inductor", mode: str | None = None) -> "Teachers":
+        """Compile every teacher's forward for inference (``torch.compile``, lazily at its first call, so after
+        the cast to ``teacher_dtype`` and the move to the device). Each compiled call runs in
+        ``torch.inference_mode`` and covers the input adapter and the feature taps (the first teacher's
+        hints, their early stop included); outputs come back as ordinary tensors. Returns self."""
+        if self.sharded:
+            raise ValueError("teacher_compile with teacher_sharding='fsdp' is not supported: drop one of them")
+        self.compile_options = {"backend": backend, "mode": mode}
+        self._compiled = {}
+        return self
+
+    def set_layouts(self, layouts: Mapping[str, str]) -> None:
+        """Layouts of the tapped layers, known from the trainer's probe: the first compiled forward then has
+        nothing to record, so it is not recompiled at the second."""
+        if self._taps is not None:
+            self._taps.set_layouts(layouts)
+
+    def _run(self, kind: str, i: int, x: torch.Tensor):
+        """Teacher ``i`` on a student batch: ``kind`` "logits" -> (float logits, tapped features),
+        "until" -> the first teacher's tapped features only, "backbone" -> float (summary, spatial)."""
+        if self.compile_options is None:
+            with torch.no_grad():
+                return self._call(kind, i, x)
+        fn = self._compiled.get((kind, i))
+        if fn is None:
+            fn = self._compiled[(kind, i)] = torch.compile(functools.partial(self._call, kind, i),
+                                                          **self.compile_options)
+        with torch.inference_mode():
+            out = fn(x)
+        return _copied(out)  # inference tensors cannot be saved for the student's backward (CUDA graphs reuse theirs)
+
+    def _call(self, kind: str, i: int, x: torch.Tensor):
+        model, x = self.models[i], self.prepare_input(i, x)
+        if kind == "logits":
+            logits = call_model(model, x).float()
+            return logits, (self._taps.pop() if i == 0 and self._taps is not None else {})
+        if kind == "until":
+            return self._taps.run_until_complete(call_model, model, x)
+        from .features import backbone_features
+
+        summary, spatial = backbone_features(model, x)
+        return summary.float(), spatial.float()
 
     def describe_inputs(self) -> list[str]:
         """One line per teacher saying what its input adapter does to the student's batches."""
@@ -119,23 +167,20 @@ class Teachers(nn.Module):
     @torch.no_grad()
     def backbone_features(self, pixel_values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each teacher's (summary, spatial) backbone features (float32) on a student batch."""
-        from .features import backbone_features
-
         outs = []
-        for i, teacher in enumerate(self.models):
-            summary, spatial = backbone_features(teacher, self.prepare_input(i, pixel_values))
-            outs.append((summary.float().to(pixel_values.device), spatial.float().to(pixel_values.device)))
+        for i in range(len(self.models)):
+            summary, spatial = self._run("backbone", i, pixel_values)
+            outs.append((summary.to(pixel_values.device), spatial.to(pixel_values.device)))
         return outs
 
     @torch.no_grad()
     def features_only(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """The first teacher's tapped features, running it only as far as the deepest tapped layer."""
-        x = self.prepare_input(0, pixel_values)
         if self.sharded:  # no early stop inside a sharded forward: run it whole, the taps keep what they need
-            call_model(self.models[0], x)
+            call_model(self.models[0], self.prepare_input(0, pixel_values))
             features = self._taps.pop()
         else:
-            features = self._taps.run_until_complete(call_model, self.models[0], x)
+            features = self._run("until", 0, pixel_values)
         return {k: v.to(pixel_values.device) for k, v in features.items()}
 
     @torch.no_grad()
@@ -146,15 +191,24 @@ class Teachers(nn.Module):
         ``which`` it still runs, as far as its deepest tapped layer, since hints always come from it.
         """
         outs = []
-        for i, teacher in enumerate(self.models):
+        for i in range(len(self.models)):
             if which is not None and i not in which:
                 continue
-            outs.append(call_model(teacher, self.prepare_input(i, pixel_values)).float().to(pixel_values.device))
+            logits, features = self._run("logits", i, pixel_values)
+            outs.append(logits.to(pixel_values.device))
             if i == 0 and self._taps is not None:
-                self._features = {k: v.to(pixel_values.device) for k, v in self._taps.pop().items()}
+                self._features = {k: v.to(pixel_values.device) for k, v in features.items()}
         if self._taps is not None and which is not None and 0 not in which:
             self._features = self.features_only(pixel_values)
         return outs
+
+
+def _copied(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    return type(value)(_copied(v) for v in value)
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:

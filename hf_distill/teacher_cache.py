@@ -448,6 +448,7 @@ def build_teacher_cache(
     feature_targets: Sequence[str] = ("summary", "spatial"),
     feature_grid: int | None = None,
     feature_dtype: str = "float16",
+    teacher_compile: dict | None = None,
 ) -> "TeacherCache":
     """Run the teacher(s) once over ``dataset`` (per epoch for random views) and store their logits
     (or, ``outputs="features"``, their backbone features).
@@ -488,6 +489,8 @@ def build_teacher_cache(
             (a 16x16 ViT-L grid is 512 KB per view in float16, 8x8 is 128 KB); ``None`` keeps it whole.
             The student then learns the pooled map.
         feature_dtype: ``"float16"`` (half the disk; relative rounding ~5e-4) or ``"float32"`` (exact).
+        teacher_compile: ``torch.compile`` keywords (``{"backend": ..., "mode": ...}``) to run the teachers
+            compiled, in inference mode (:meth:`hf_distill.teacher.Teachers.compile`); None: eager.
 
     Returns the complete :class:`TeacherCache`. A build that stops early leaves a manifest with
     status ``"partial"`` and its complete shards; calling again with the same inputs resumes. Under
@@ -611,6 +614,8 @@ def build_teacher_cache(
         device = state.device if state.num_processes > 1 else (first.device if first is not None else "cpu")
     device = torch.device(device)
     ensemble.to(device=device, dtype=dtype)
+    if teacher_compile is not None:  # torch.compile keywords (Teachers.compile), e.g. {"backend": "inductor"}
+        ensemble.compile(**teacher_compile)
     mixer = None
     if mixing is not None:
         from .mixing import BatchMixer, EpochOrder

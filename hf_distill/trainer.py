@@ -318,6 +318,10 @@ class DistillationTrainer(Trainer):
         elif args.teacher_sharding == "fsdp" and len(self.teachers):
             logger.warning("teacher_sharding='fsdp' with a single process: the teacher stays whole")
         self.teachers.to(device=args.teacher_device or self.args.device, dtype=self._teacher_dtype())
+        if args.channels_last:
+            self.teachers.to(memory_format=torch.channels_last)
+        if args.teacher_compile_options is not None and len(self.teachers):
+            self.teachers.compile(**args.teacher_compile_options)  # compiled at the first step, placed and cast
         for line in inert_settings(self, train_dataset, eval_dataset, knn_train_dataset):
             logger.warning(line)
 
@@ -333,6 +337,12 @@ class DistillationTrainer(Trainer):
         set_seed(args.seed)  # the extra modules start the same for the same seed, whatever ran before
         extras = self.method.build_modules(student, list(self.teachers.models), probe)
         wrapped = DistillationModel(student, extras, self.method, self.method.student_layers())
+        if probe.get("student") and wrapped._taps is not None:  # known layouts: no recompile after a first compiled step
+            wrapped._taps.set_layouts({name: layout for name, (_, layout) in probe["student"].items()})
+        if probe.get("teacher"):
+            self.teachers.set_layouts({name: layout for name, (_, layout) in probe["teacher"].items()})
+        if args.channels_last:
+            wrapped.to(memory_format=torch.channels_last)
         if args.sync_batchnorm and args.world_size > 1:
             if args.device.type != "cuda":
                 raise ValueError("sync_batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on CPU")
@@ -706,6 +716,7 @@ class DistillationTrainer(Trainer):
                                 if self.args.distill_method in ("kd", "noisy_teacher") else ""))
         if model.training and self.mixer is not None:
             pixel_values, labels = self._mix(inputs)
+        pixel_values = self._memory_format(pixel_values)  # once, for the student and every teacher
         progress = self.progress
         if model.training:
             self.method.prepare_student(self.student, progress)
@@ -753,6 +764,11 @@ class DistillationTrainer(Trainer):
             self._schedule_values = self.method.log_values(progress)
         return (loss, out) if return_outputs else loss
 
+    def _memory_format(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.args.channels_last and pixel_values.ndim == 4:
+            return pixel_values.contiguous(memory_format=torch.channels_last)
+        return pixel_values
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         trainable = self.method.trainable_parameters(self.student, self.progress)
@@ -782,6 +798,7 @@ class DistillationTrainer(Trainer):
         dataset: they are cached, the teachers do not change)."""
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
+        inputs["pixel_values"] = self._memory_format(inputs["pixel_values"])
         with torch.no_grad(), self.autocast_smart_context_manager():
             out = model(pixel_values=inputs["pixel_values"])
         if self.method.student_output == "features":

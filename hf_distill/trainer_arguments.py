@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass, field
+from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +65,10 @@ SUPPORT: dict[str, tuple[str, str]] = {
     "activation_checkpointing_kwargs": (WORKS, "transformers students only; timm takes no options"),
     "gradient_checkpointing": (WORKS, "alias of activation_checkpointing"),
     "gradient_checkpointing_kwargs": (WORKS, "alias of activation_checkpointing_kwargs"),
-    "torch_compile": (WORKS, "feature-tap hooks and FitNets' early stop compile too"),
-    "torch_compile_backend": (WORKS, ""),
-    "torch_compile_mode": (WORKS, ""),
+    "torch_compile": (WORKS, "compiles the student with the method's extra modules and feature taps (FitNets' "
+                      "early stop too; no graph break for any method); the teachers follow (teacher_compile)"),
+    "torch_compile_backend": (WORKS, "also the teachers', unless teacher_compile_backend is set"),
+    "torch_compile_mode": (WORKS, "also the teachers', unless teacher_compile_mode is set"),
     "use_liger_kernel": (REFUSED, _LLM),
     "liger_kernel_config": (REFUSED, _LLM),
     "use_cache": (NO_EFFECT, "a generation cache of language models"),
@@ -220,3 +223,53 @@ def _has_accelerator() -> bool:
     import torch
 
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+@dataclass
+class SpeedArguments:
+    """Speed switches of distillation itself (the Trainer's own are ``torch_compile`` and friends): the
+    teachers compiled for inference, and the channels-last memory format. A base of
+    ``DistillationTrainingArguments``, so each field is also a CLI flag."""
+
+    teacher_compile: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Compile each teacher for inference (torch.compile, run in inference mode with its weights in "
+                  "teacher_dtype), live and when building a teacher cache. Default: follows --torch_compile (not for "
+                  "sharded teachers, which stay eager; asking for it with --teacher_sharding fsdp is refused)."},
+    )
+    teacher_compile_backend: Optional[str] = field(
+        default=None,
+        metadata={"help": "torch.compile backend for the teachers (setting it turns teacher_compile on). Default: "
+                  "--torch_compile_backend, else `inductor`."},
+    )
+    teacher_compile_mode: Optional[str] = field(
+        default=None,
+        metadata={"help": "torch.compile mode for the teachers (`default`, `reduce-overhead`, `max-autotune`; setting "
+                  "it turns teacher_compile on). Default: --torch_compile_mode."},
+    )
+    channels_last: bool = field(
+        default=False,
+        metadata={"help": "Student, extra modules and teachers in the channels-last memory format, each batch converted "
+                  "once (faster convolutions on GPUs, mostly with --bf16/--fp16; no effect on the values)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()  # TrainingArguments: torch_compile is now set from its backend / mode
+        chosen = self.teacher_compile_backend is not None or self.teacher_compile_mode is not None
+        if chosen and self.teacher_compile is False:
+            raise ValueError("teacher_compile_backend / teacher_compile_mode are set but teacher_compile=False: drop "
+                             "them, or drop teacher_compile=False")
+        if (self.teacher_compile or chosen) and getattr(self, "teacher_sharding", "none") == "fsdp":
+            raise ValueError("teacher_compile with teacher_sharding='fsdp' is not supported (compiling an FSDP2-sharded "
+                             "teacher is untested here): drop one of them")
+
+    @property
+    def teacher_compile_options(self) -> Optional[dict]:
+        """``torch.compile`` keywords for the teachers, or None when they run eager."""
+        chosen = self.teacher_compile_backend is not None or self.teacher_compile_mode is not None
+        on = self.teacher_compile if self.teacher_compile is not None else (
+            chosen or (self.torch_compile and getattr(self, "teacher_sharding", "none") != "fsdp"))
+        if not on:
+            return None
+        return {"backend": self.teacher_compile_backend or self.torch_compile_backend or "inductor",
+                "mode": self.teacher_compile_mode if self.teacher_compile_mode is not None else self.torch_compile_mode}
