@@ -903,7 +903,10 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ saving & resuming
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the student alone, in its own library's format (plus card and arguments)."""
+        """Write the student alone, in its own library's format (plus card and arguments).
+
+        A checkpoint (``_save_checkpoint``) holds what resumes training: the whole student. An export
+        (``save_model``) holds what the user ships: for feature distillation, the backbone alone."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -911,7 +914,8 @@ class DistillationTrainer(Trainer):
         student_state = None
         if state_dict is not None:
             student_state = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
-        if self.method.student_output == "features":  # the backbone, without a classifier it never trained
+        if self.method.student_output == "features" and not getattr(self, "_checkpointing", False):
+            # the export: the backbone, without a classifier it never trained
             save_native(export_backbone(self.student), output_dir)
         else:
             save_native(self.student, output_dir, state_dict=student_state)
@@ -922,7 +926,11 @@ class DistillationTrainer(Trainer):
         self.create_model_card(output_dir=output_dir)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        self._checkpointing = True  # _save writes the whole student, which _load_from_checkpoint restores
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpointing = False
         # Extra modules live only in checkpoints (to resume), never in the exported student.
         if self.args.should_save and len(self.extra_modules):
             import safetensors.torch
