@@ -113,3 +113,110 @@ def test_deit_student_without_label_term_trains_both_heads_on_the_teacher(method
                 return kd_loss(z, z_t, None, a.temperature, 1.0)[0]
         want = 0.5 * (one(cls) + one(dist))
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+# --- 6: mixing with persistent dataloader workers is refused ---------------------------------------------------
+def test_mixing_with_persistent_workers_is_refused_in_one_line(digits, make_args):
+    train = with_image_transform(digits["train"].select(range(16)), SPEC)
+    with pytest.raises(ValueError, match="dataloader_persistent_workers") as err:
+        DistillationTrainer(model=tiny_timm(spec=SPEC), teacher_model=tiny_timm(seed=2, spec=SPEC),
+                            train_dataset=train, args=make_args(mixup_alpha=1.0, dataloader_num_workers=1,
+                                                                dataloader_persistent_workers=True))
+    assert "\n" not in str(err.value)
+
+
+# --- 10: a dataset carrying cached teacher outputs must be named as the cache ---------------------------------
+def test_a_cache_backed_dataset_without_teacher_cache_dir_is_refused(digits, make_args, tmp_path):
+    from hf_distill.teacher_cache import build_teacher_cache, with_teacher_cache
+
+    spec = tiny_spec()
+    raw = digits["train"].select(range(16))
+    build_teacher_cache(tiny_timm(seed=2, spec=spec), raw, spec, tmp_path / "c", batch_size=16)
+    train = with_teacher_cache(raw, tmp_path / "c", spec)
+    with pytest.raises(ValueError, match="set teacher_cache_dir=") as err:
+        DistillationTrainer(model=tiny_timm(spec=spec), teacher_model=tiny_timm(seed=5, spec=spec),
+                            train_dataset=train, args=make_args())
+    assert "\n" not in str(err.value)
+    # named, it is used and checked: the other teacher (seed 5) is not the cache's
+    from hf_distill.teacher_cache import TeacherCacheError
+
+    with pytest.raises(TeacherCacheError, match="fingerprint of the teacher weights"):
+        DistillationTrainer(model=tiny_timm(spec=spec), teacher_model=tiny_timm(seed=5, spec=spec),
+                            train_dataset=train, args=make_args(teacher_cache_dir=str(tmp_path / "c")))
+
+
+# --- 11: a search trial that turns mixing on reads the data as __init__ would --------------------------------
+def test_a_search_trial_that_turns_mixing_on_trains_on_mixed_batches(digits, tmp_path):
+    optuna = pytest.importorskip("optuna")
+    from transformers import TrainerCallback
+
+    from hf_distill import DistillationTrainingArguments
+    from hf_distill.mixing import EpochOrderedDataset
+
+    spec = tiny_spec()
+    train = with_image_transform(digits["train"].select(range(32)), spec)
+    evaluation = with_image_transform(digits["test"].select(range(16)), spec)
+    args = DistillationTrainingArguments(
+        output_dir=str(tmp_path / "s"), per_device_train_batch_size=8, per_device_eval_batch_size=16, max_steps=2,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = DistillationTrainer(model_init=lambda: tiny_timm(spec=spec), teacher_model=tiny_timm(seed=2, spec=spec),
+                                  args=args, train_dataset=train, eval_dataset=evaluation)
+    seen = []
+
+    class Seen(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
+            seen.append((args.mixup_alpha, type(trainer.train_dataset).__name__, trainer.mixer is not None))
+
+    trainer.add_callback(Seen())
+    grid = {"mixup_alpha": [0.0, 1.0]}
+    trainer.hyperparameter_search(hp_space=grid, n_trials=2, backend="optuna",
+                                  sampler=optuna.samplers.GridSampler(grid))
+    assert sorted(seen) == [(0.0, "Dataset", False), (1.0, EpochOrderedDataset.__name__, True)]
+    assert len(trainer.search_trials) == 2
+
+
+# --- 15: the evaluation's teacher logits are cached per example, not per batch index ---------------------------
+def test_evaluating_again_with_another_batch_size_reuses_each_examples_teacher_logits(digits, make_args):
+    spec = tiny_spec()
+    evaluation = with_image_transform(digits["test"].select(range(20)), spec)
+    teacher = tiny_timm(seed=2, spec=spec)
+    t = DistillationTrainer(model=tiny_timm(spec=spec), teacher_model=teacher, eval_dataset=evaluation,
+                            args=make_args(per_device_eval_batch_size=16))
+    ran = []
+    t.teachers.models[0].register_forward_hook(lambda m, a, out: ran.append(out.shape[0]))
+    first = t.evaluate()
+    assert sum(ran) == 20
+    t.args.per_device_eval_batch_size = 6
+    second = t.evaluate()
+    assert sum(ran) == 20  # every example's logits were known: the teacher did not run again
+    batch = collate_images([evaluation[i] for i in range(20)])
+    with torch.no_grad():
+        want = (teacher.eval()(batch["pixel_values"]).argmax(-1) == batch["labels"]).float().mean().item()
+    for m in (first, second):
+        assert m["eval_teacher_accuracy"] == pytest.approx(want)
+    assert second["eval_teacher_kl"] == pytest.approx(first["eval_teacher_kl"], rel=1e-5)
+
+
+# --- 4: epoch-based schedules on a stream are measured in the stream's own epochs ------------------------------
+def _stream(digits, rows, known):
+    from datasets import NamedSplit, SplitDict, SplitInfo
+
+    stream = digits["train"].select(range(rows)).to_iterable_dataset(num_shards=2)
+    if known:  # what load_dataset(..., streaming=True) gives: the split and its number of examples
+        stream.info.splits = SplitDict({"train": SplitInfo(name="train", num_examples=rows)})
+        stream._split = NamedSplit("train")
+    return with_image_transform(stream, tiny_spec())
+
+
+def test_dkd_warmup_on_a_stream_counts_the_streams_epochs(digits, make_args):
+    spec = tiny_spec()
+    t = DistillationTrainer(model=tiny_timm(spec=spec), teacher_model=tiny_timm(seed=2, spec=spec),
+                            train_dataset=_stream(digits, 48, known=True),
+                            args=make_args(distill_method="dkd", dkd_warmup_epochs=1.0, max_steps=4, logging_steps=1))
+    t.train()
+    ramps = [h["dkd_ramp"] for h in t.state.log_history if "dkd_ramp" in h]
+    assert ramps == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])  # 48 rows / 16 a batch: 3 steps an epoch
+    with pytest.raises(ValueError, match="dkd_warmup_epochs counts epochs") as err:
+        DistillationTrainer(model=tiny_timm(spec=spec), teacher_model=tiny_timm(seed=2, spec=spec),
+                            train_dataset=_stream(digits, 48, known=False), args=make_args(distill_method="dkd"))
+    assert "\n" not in str(err.value)
