@@ -574,6 +574,53 @@ def build_teacher_cache(
         logger.info("teacher cache in %s is complete; nothing to do", cache_dir)
         return load_teacher_cache(cache_dir)
     reading = without_image_decoding(dataset, image_column)
+    first = next(teachers[0].parameters(), None)
+    if device is None:
+        device = state.device if state.num_processes > 1 else (first.device if first is not None else "cpu")
+    device = torch.device(device)
+    with _left_as_they_are(teachers):
+        return _build(_placed(teachers, device, dtype), reading, config, plan, manifest, cache_dir, state, n,
+                      num_entries, student_spec, augmentation, seed, int(batch_size), image_column, label_column,
+                      outputs, feature_targets, feature_dtype, mixing, top_k, device, on_shard_written)
+
+
+def _placed(teachers: list[nn.Module], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
+    """The teachers on ``device`` in ``dtype``: a copy of each that is elsewhere, so that the caller's teacher
+    (whose fingerprint the cache records) is never cast or moved."""
+    import copy
+
+    placed = []
+    for teacher in teachers:
+        tensors = list(teacher.parameters()) + list(teacher.buffers())
+        here = all(t.device.type == device.type and device.index in (None, t.device.index)
+                   and (t.dtype == dtype or not t.is_floating_point()) for t in tensors)
+        placed.append(teacher if here else copy.deepcopy(teacher).to(device=device, dtype=dtype))
+    return placed
+
+
+class _left_as_they_are:
+    """Restores the teachers' train/eval modes and ``requires_grad`` flags (running them freezes them)."""
+
+    def __init__(self, teachers):
+        self.teachers = teachers
+
+    def __enter__(self):
+        self.modes = [[m.training for m in t.modules()] for t in self.teachers]
+        self.grads = [[p.requires_grad for p in t.parameters()] for t in self.teachers]
+
+    def __exit__(self, *exc):
+        for teacher, modes, grads in zip(self.teachers, self.modes, self.grads):
+            for module, mode in zip(teacher.modules(), modes):
+                module.training = mode
+            for param, grad in zip(teacher.parameters(), grads):
+                param.requires_grad_(grad)
+        return False
+
+
+def _build(teachers, reading, config, plan, manifest, cache_dir, state, n, num_entries, student_spec, augmentation,
+           seed, batch_size, image_column, label_column, outputs, feature_targets, feature_dtype, mixing, top_k,
+           device, on_shard_written) -> "TeacherCache":
+    """The build itself, with teachers already placed (see :func:`build_teacher_cache`)."""
     shapes = None
     if outputs == "features":
         num_classes = None
@@ -606,11 +653,7 @@ def build_teacher_cache(
         logger.info("resuming the teacher cache in %s: %d of %d shards to build", cache_dir, len(missing), len(plan))
     mine = missing[state.process_index::state.num_processes]  # each shard written by one process
     ensemble = Teachers(teachers, student_spec)
-    first = next(ensemble.models[0].parameters(), None)
-    if device is None:
-        device = state.device if state.num_processes > 1 else (first.device if first is not None else "cpu")
-    device = torch.device(device)
-    ensemble.to(device=device, dtype=dtype)
+    ensemble.to(device=device)  # the input adapters (the teachers are placed already)
     mixer = None
     if mixing is not None:
         from .mixing import BatchMixer, EpochOrder

@@ -220,3 +220,28 @@ def test_dkd_warmup_on_a_stream_counts_the_streams_epochs(digits, make_args):
         DistillationTrainer(model=tiny_timm(spec=spec), teacher_model=tiny_timm(seed=2, spec=spec),
                             train_dataset=_stream(digits, 48, known=False), args=make_args(distill_method="dkd"))
     assert "\n" not in str(err.value)
+
+
+# --- 9: building a cache leaves the caller's teacher as it was -------------------------------------------------
+def test_building_a_cache_in_another_dtype_leaves_the_callers_teacher_as_it_was(digits, make_args, tmp_path):
+    from hf_distill.teacher_cache import build_teacher_cache, teacher_fingerprint, with_teacher_cache
+
+    spec = tiny_spec()
+    raw = digits["train"].select(range(16))
+    teacher = tiny_timm(seed=2, spec=spec).train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    fingerprint = teacher_fingerprint(teacher)
+    cache = build_teacher_cache(teacher, raw, spec, tmp_path / "c", batch_size=16, dtype=torch.bfloat16)
+    assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in teacher.state_dict().items())
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert teacher_fingerprint(teacher) == fingerprint == cache.config["teachers"][0]["weights"]
+    # the logits are the bfloat16 teacher's
+    x = collate_images([with_image_transform(raw, spec)[i] for i in range(16)])["pixel_values"]
+    import copy
+
+    with torch.no_grad():
+        want = copy.deepcopy(teacher).eval().to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+    assert torch.equal(torch.stack([cache.logits(0, i) for i in range(16)]), want)
+    # and the trainer accepts that same teacher with the cache
+    DistillationTrainer(model=tiny_timm(spec=spec), teacher_model=teacher, args=make_args(
+        teacher_cache_dir=str(tmp_path / "c")), train_dataset=with_teacher_cache(raw, cache, spec))
