@@ -517,6 +517,12 @@ class DistillationTrainer(Trainer):
         data_seed = args.data_seed if args.data_seed is not None else args.seed
         cache.check(mixing=args.mixing, batch_size=args.per_device_train_batch_size,
                     seed=data_seed if cache.mixed else None)
+        per_round = args.per_device_train_batch_size * args.world_size
+        if cache.mixed and args.world_size > 1 and cache.num_samples % per_round and not args.dataloader_drop_last:
+            raise ValueError(f"a mixed cache of {cache.num_samples} images on {args.world_size} processes: accelerate "
+                             f"would pad the epoch's last round of {per_round} with images whose stored mixing "
+                             "partners are elsewhere; set dataloader_drop_last=True (or a dataset size that is a "
+                             "multiple of the batch size times the processes)")
 
     def _training_data(self, args, student, teachers):
         """One set-up path for the training data, shared by ``__init__`` and every search trial: the batch
@@ -617,6 +623,13 @@ class DistillationTrainer(Trainer):
                                "sampler or collator dropped it")
         size, start = self.args.per_device_train_batch_size, int(positions[0])
         expected = torch.arange(start, start + len(positions), device=positions.device)
+        if (start % size or not torch.equal(positions, expected)) and self.accelerator.num_processes > 1 and (
+                "mix_lam" not in inputs):
+            # accelerate's even_batches completed the epoch's last round with samples from the epoch's start: a
+            # batch of its own, mixed within itself by draws of its own (past the epoch's batch indices)
+            batches = -(-len(self.train_dataset) // size)
+            params = self.mixer.params(int(epochs[0]), batches + start, x.shape)
+            return self.mixer.apply(x, params), (self.mixer.targets(labels, params) if labels is not None else None)
         if start % size or not torch.equal(positions, expected):
             raise RuntimeError(f"a mixed batch must be a run of consecutive positions starting at a multiple of the "
                                f"batch size ({size}); got positions {positions.tolist()[:4]}...")

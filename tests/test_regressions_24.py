@@ -245,3 +245,58 @@ def test_building_a_cache_in_another_dtype_leaves_the_callers_teacher_as_it_was(
     # and the trainer accepts that same teacher with the cache
     DistillationTrainer(model=tiny_timm(spec=spec), teacher_model=teacher, args=make_args(
         teacher_cache_dir=str(tmp_path / "c")), train_dataset=with_teacher_cache(raw, cache, spec))
+
+
+# --- 2, 3, 7: what needs several processes, from one torchrun launch (tests/regressions_24_worker.py) ---------
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    import json
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path_factory.mktemp("two")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("RANK", None)
+    worker = os.path.join(os.path.dirname(__file__), "regressions_24_worker.py")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                           str(port), worker, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.load(open(out / f"rank{r}.json")) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("kind", ["clip_model", "siglip_model", "clip_vision", "vit_classifier"])
+def test_fsdp_sharded_transformers_teachers_give_the_whole_teachers_features(two_processes, kind):
+    for rank in two_processes:
+        got = rank["sharded_features"][kind]
+        assert "error" not in got, got.get("error")
+        assert got["sharded"] and got["max_diff"] <= 1e-6
+    trained = [rank["sharded_features"]["trainer"] for rank in two_processes]
+    assert all("error" not in t for t in trained), trained
+    assert all(t["steps"] == 1 and t["sharded"] and np.isfinite(t["loss"]) for t in trained)
+
+
+def test_live_mixing_on_two_processes_trains_through_the_padded_last_round(two_processes):
+    for rank in two_processes:
+        live = rank["live_mixing"]["live"]
+        assert "error" not in live, live.get("error")
+        assert live["steps"] == 6 and live["finite"]  # 2 epochs of 3 rounds: 36 images, 2 processes x 8
+        assert all(b["mixed"] for b in live["batches"])
+    # the padded rounds: rank 0 the epoch's last 4 images and its first 4, rank 1 more of its first ones
+    assert two_processes[0]["live_mixing"]["live"]["batches"][2]["positions"] == [32, 33, 34, 35, 0, 1, 2, 3]
+    # a mixed cache cannot replay a padded round: refused at construction, in one line
+    refused = two_processes[0]["live_mixing"]["cached"]["refused"]
+    assert refused and "dataloader_drop_last=True" in refused and "\n" not in refused
+
+
+def test_two_processes_build_every_shard_once_whenever_each_looks_at_the_disk(two_processes):
+    plans = [rank["cache_plan"] for rank in two_processes]
+    assert all("error" not in p for p in plans), plans
+    written = plans[0]["written"] + plans[1]["written"]
+    assert sorted(written) == [0, 1, 2, 3] and plans[0]["entries"] == 64  # 64 images, 16 a shard
