@@ -1,6 +1,6 @@
 """Issue 24's combinations that need several processes, run under ``torchrun --nproc_per_node 2`` (gloo, CPU).
 
-Launched by tests/test_regressions_24.py. Usage: ``regressions_24_worker.py OUT_DIR``. Each part records what
+Launched by tests/test_regressions_24.py. Usage: ``regressions_24_worker.py OUT_DIR [PART ...]``. Each part records what
 it saw (or its error) in ``OUT_DIR/rank<r>.json``, so one launch serves every test:
 
 * ``sharded_features``: FSDP2-sharded transformers teachers (CLIPModel, SiglipModel, CLIPVisionModel,
@@ -161,13 +161,15 @@ def cache_plan(out_dir, raw):
             m._shard_on_disk = real
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, only: list[str]) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     raw = digits_dataset()["train"]
     results = {}
     for name, part in (("cache_plan", cache_plan), ("sharded_features", sharded_features),
                        ("live_mixing", live_mixing)):
+        if only and name not in only:
+            continue
         results[name] = part(out_dir, raw)
         torch.distributed.barrier() if torch.distributed.is_initialized() else None
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -175,4 +177,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])  # optional part names: those alone

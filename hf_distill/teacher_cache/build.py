@@ -183,8 +183,8 @@ def build_teacher_cache(
         diff = _differences(manifest["config"], config)
         if not overwrite:
             raise TeacherCacheError(
-                f"{cache_dir} holds a teacher cache built from other inputs:\n  - " + "\n  - ".join(diff)
-                + "\nUse another folder, or overwrite=True (CLI: --overwrite) to delete it and rebuild."
+                f"{cache_dir} holds a teacher cache built from other inputs: " + "; ".join(diff)
+                + ". Use another folder, or overwrite=True (CLI: --overwrite) to delete it and rebuild."
             )
         state.wait_for_everyone()  # every process has read the old manifest before it goes
         if state.is_main_process:

@@ -180,9 +180,8 @@ class TeacherCache:
                             given)
         if diff:
             raise TeacherCacheError(
-                f"the teacher cache in {self.cache_dir} does not match what it is used with:\n  - "
-                + "\n  - ".join(diff)
-                + "\nRebuild it (build_teacher_cache / hf-distill cache-teacher) for these inputs."
+                f"the teacher cache in {self.cache_dir} does not match what it is used with: " + "; ".join(diff)
+                + ". Rebuild it (build_teacher_cache / hf-distill cache-teacher) for these inputs."
             )
 
 
