@@ -256,6 +256,12 @@ class DistillationTrainer(Trainer):
                 "teacher_model_name_or_path"
             )
         self.teacher_cache = self._check_teacher_cache(args, teachers, train_dataset)
+        best = str(args.metric_for_best_model or "")
+        if self.method.student_output == "features" and not teachers and best.removeprefix("eval_").startswith(
+                "feature_cosine"):
+            raise ValueError(f"metric_for_best_model='{best}' compares the student with the teachers on the evaluation "
+                             "set, and none is given (trained from a feature cache): pass teacher_model= as well, or "
+                             "knn_train_dataset= with metric_for_best_model='knn_accuracy'")
         if self.method.student_output == "logits":  # feature distillation has no label space
             check_label_spaces(student, teachers)
         self._raw_train_dataset = train_dataset  # as given: each search trial derives its own reading of it
