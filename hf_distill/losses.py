@@ -110,12 +110,16 @@ def kd_loss(
 
     ``kind="mse"`` replaces the KL term by L2 logit regression (noisy-teacher setting), ``"hard"``
     by CE against the teacher's argmax (DeiT). ``teacher_view_logits`` (a distillation head's
-    logits) takes the teacher term in place of ``student_logits``, which keep the label term.
-    Returns the total and its terms (unweighted) for logging. Without labels the CE term is 0.
+    logits) takes the teacher term in place of ``student_logits``, which keep the label term; without a
+    label term (``alpha=1`` or no labels) both heads learn the teacher (half the term each), since
+    both are half of every prediction. Returns the total and its terms (unweighted) for logging.
+    Without labels the CE term is 0.
     """
     kd = soft_term(student_logits if teacher_view_logits is None else teacher_view_logits, teacher_logits, kind,
                    temperature, standardize)
     if labels is None or alpha == 1.0:
+        if teacher_view_logits is not None:  # no label term: the class head learns the teacher too
+            kd = 0.5 * (kd + soft_term(student_logits, teacher_logits, kind, temperature, standardize))
         ce = kd.new_zeros(())
     else:
         ce = label_ce(student_logits, labels, label_smoothing)

@@ -57,11 +57,34 @@ def shard_teacher(model: nn.Module, mesh) -> nn.Module:
     model.eval().requires_grad_(False)
     for block in shard_blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    for part in directly_called_parts(model):
+        fully_shard(part, mesh=mesh, reshard_after_forward=True)
+    # FSDP2 cannot shard a scalar (CLIP's logit_scale): it stays whole on every process, at no cost
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=scalars or None)
     for method in _FORWARD_METHODS:
         if callable(getattr(model, method, None)):
             register_fsdp_forward_method(model, method)
     return model
+
+
+def directly_called_parts(model: nn.Module) -> list[nn.Module]:
+    """Submodules that are run on their own, not through ``model.forward``: a transformers model's vision tower,
+    CLIP's final norm (applied to the patch tokens too) and visual projection, which feature distillation calls
+    directly (:func:`hf_distill.features.backbone_features`). Each is then an FSDP unit of its own (inner ones
+    first), so that calling it gathers its parameters; left in an outer unit they would stay sharded (DTensors
+    meeting plain tensors)."""
+    if not is_transformers_model(model):
+        return []
+    from .features import vision_backbone
+
+    tower = vision_backbone(model)
+    norm = getattr(tower, "post_layernorm", None)
+    projection = getattr(model, "visual_projection", None)
+    parts = [m for m in (norm, projection) if isinstance(m, nn.Module)]
+    if tower is not model:
+        parts.append(tower)
+    return parts
 
 
 def local_parameter_count(model: nn.Module) -> int:

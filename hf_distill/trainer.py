@@ -259,16 +259,24 @@ class DistillationTrainer(Trainer):
                 "teacher_model_name_or_path"
             )
         self.teacher_cache = self._check_teacher_cache(args, teachers, train_dataset)
+        best = str(args.metric_for_best_model or "")
+        if self.method.student_output == "features" and not teachers and best.removeprefix("eval_").startswith(
+                "feature_cosine"):
+            raise ValueError(f"metric_for_best_model='{best}' compares the student with the teachers on the evaluation "
+                             "set, and none is given (trained from a feature cache): pass teacher_model= as well, or "
+                             "knn_train_dataset= with metric_for_best_model='knn_accuracy'")
         if self.method.student_output == "logits":  # feature distillation has no label space
             set_label_names(student, class_names_for(student, train_dataset, teachers))  # as the CLI does
             check_label_spaces(student, teachers)
-        self.mixer, train_dataset = self._mixing(args, student, teachers, train_dataset)
+        self._raw_train_dataset = train_dataset  # as given: each search trial derives its own reading of it
+        train_dataset = self._training_data(args, student, teachers)
         self._stream_reading(args, train_dataset)
         self.knn_train_dataset = knn_train_dataset
         self._teacher_knn: dict[tuple, dict[str, float]] = {}
         self.teachers = Teachers(teachers, input_spec(student))
-        # evaluation: the teachers' logits per (dataset, batch), computed once; those of the running evaluation
-        self._eval_teacher_cache: dict[tuple, torch.Tensor] = {}
+        # evaluation: the teachers' logits per example (keyed by its pixels), computed once; those of the running
+        # evaluation
+        self._eval_teacher_cache: dict[bytes, torch.Tensor] = {}
         self._eval_teacher_key: tuple | None = None
         self._eval_teacher_batches: list[torch.Tensor] = []
         self._own_teacher_accuracy: dict[tuple, list] = {}  # each teacher's accuracy, its own preprocessing
@@ -299,13 +307,8 @@ class DistillationTrainer(Trainer):
             optimizers=optimizers,
             **kwargs,
         )
-        from .mixing import EpochOrderedDataset
-        from .teacher_cache import TeacherCacheDataset
-
-        if isinstance(train_dataset, (TeacherCacheDataset, EpochOrderedDataset)):
-            # items depend on the epoch (cached views, the epoch's order); with several processes only a
-            # callback reaches the dataset
-            self.add_callback(SetEpochCallback(train_dataset))
+        self._epoch_callback = None
+        self._follow_epochs(train_dataset)
         # A timm model's forward(x) names no labels: tell the Trainer where they are.
         self.label_names = ["labels"]
         # compute_loss returns a per-batch mean, so the Trainer scales it for accumulation.
@@ -374,9 +377,12 @@ class DistillationTrainer(Trainer):
         self.method = get_method(args.distill_method)(args)
         if self.teacher_cache is not None:
             self.method.check_teacher_cache(self.teacher_cache)
+            self._check_cache_mixing(args, self.teacher_cache)
         if self.method.student_output == "logits":
             check_label_spaces(student, list(self.teachers.models))
-        self.mixer = self._mixing(args, student, list(self.teachers.models), self.train_dataset)[0]
+        # the same set-up as __init__'s: a trial that turns mixing on reads the data in the epoch order
+        self.train_dataset = self._training_data(args, student, list(self.teachers.models))
+        self._follow_epochs(self.train_dataset)
         self._term_sums, self._term_counts, self.last_loss_terms = {}, defaultdict(int), {}
         self._schedule_values = {}
         return self._assemble(student, args)
@@ -482,9 +488,17 @@ class DistillationTrainer(Trainer):
 
     def _check_teacher_cache(self, args, teachers, train_dataset):
         """The teacher-output cache named by ``teacher_cache_dir``, checked now rather than at the first step."""
-        if not args.teacher_cache_dir:
-            return None
         from .teacher_cache import TeacherCacheDataset, load_teacher_cache
+
+        if not args.teacher_cache_dir:
+            # where the teacher's outputs come from is decided here, once: a dataset that carries cached outputs
+            # must be named as the cache, so that it is checked (and the teacher is not silently replaced)
+            if isinstance(train_dataset, TeacherCacheDataset):
+                raise ValueError(f"train_dataset reads the teacher cache in '{train_dataset.cache.cache_dir}': set "
+                                 f"teacher_cache_dir='{train_dataset.cache.cache_dir}' (CLI: --teacher_cache_dir) "
+                                 "so that it is checked and used, or pass the raw dataset to train with a live "
+                                 "teacher")
+            return None
 
         if self.method.teacher_layers():
             raise ValueError(f"distill_method='{args.distill_method}' needs the teacher's intermediate features, which "
@@ -514,14 +528,66 @@ class DistillationTrainer(Trainer):
             if os.path.realpath(train_dataset.cache.cache_dir) != os.path.realpath(args.teacher_cache_dir):
                 raise ValueError(f"train_dataset reads the teacher cache in '{train_dataset.cache.cache_dir}' but "
                                  f"teacher_cache_dir is '{args.teacher_cache_dir}'")
-        # a mixed cache stores whole mixed batches: the run must mix the same way, in batches of the same size
-        data_seed = args.data_seed if args.data_seed is not None else args.seed
-        cache.check(mixing=args.mixing, batch_size=args.per_device_train_batch_size,
-                    seed=data_seed if cache.mixed else None)
+        self._check_cache_mixing(args, cache)
         if teachers:
             # the teachers named here are the ones cards and eval_teacher_accuracy report: they must be the cache's
             cache.check(teachers=teachers)
         return cache
+
+    @staticmethod
+    def _check_cache_mixing(args, cache) -> None:
+        """A mixed cache stores whole mixed batches: the run must mix the same way, in batches of the same size."""
+        data_seed = args.data_seed if args.data_seed is not None else args.seed
+        cache.check(mixing=args.mixing, batch_size=args.per_device_train_batch_size,
+                    seed=data_seed if cache.mixed else None)
+        per_round = args.per_device_train_batch_size * args.world_size
+        if cache.mixed and args.world_size > 1 and cache.num_samples % per_round and not args.dataloader_drop_last:
+            raise ValueError(f"a mixed cache of {cache.num_samples} images on {args.world_size} processes: accelerate "
+                             f"would pad the epoch's last round of {per_round} with images whose stored mixing "
+                             "partners are elsewhere; set dataloader_drop_last=True (or a dataset size that is a "
+                             "multiple of the batch size times the processes)")
+
+    def _training_data(self, args, student, teachers):
+        """One set-up path for the training data, shared by ``__init__`` and every search trial: the batch
+        mixer (``self.mixer``) and the dataset as the run reads it (in the epoch order when mixing)."""
+        self.mixer, data = self._mixing(args, student, teachers, self._raw_train_dataset)
+        self._stream_epoch_steps = self._stream_steps_per_epoch(args, data)
+        counted = [a for a in self.method.epoch_arguments if getattr(args, a, None)]
+        if self._stream_epoch_steps == 0 and counted:
+            raise ValueError(f"{counted[0]} counts epochs, but the training stream has no known length to count them "
+                             f"in: set {counted[0]}=0, or give the stream its length (info.splits, as "
+                             "load_dataset(..., streaming=True) does), or train on map-style data")
+        return data
+
+    @staticmethod
+    def _stream_steps_per_epoch(args, dataset) -> int | None:
+        """Optimizer steps in one pass over a stream (from its split's number of examples; 0 when unknown); None
+        for map-style data, whose epochs the Trainer counts itself (for a stream it takes max_steps for one)."""
+        import math
+
+        from .data import is_stream
+
+        if not is_stream(dataset):
+            return None
+        splits, split = getattr(dataset.info, "splits", None), getattr(dataset, "split", None)
+        rows = splits[str(split)].num_examples if splits and split is not None and str(split) in splits else 0
+        if not rows:
+            return 0
+        batches = math.ceil(rows / (args.per_device_train_batch_size * max(1, args.world_size)))
+        return max(1, math.ceil(batches / args.gradient_accumulation_steps))
+
+    def _follow_epochs(self, dataset) -> None:
+        """Tell a dataset whose items depend on the epoch (cached views, the epoch's order) each epoch: with
+        several processes only a callback reaches it. Replaces the callback of an earlier set-up."""
+        if self._epoch_callback is not None:
+            self.remove_callback(self._epoch_callback)
+            self._epoch_callback = None
+        from .mixing import EpochOrderedDataset
+        from .teacher_cache import TeacherCacheDataset
+
+        if isinstance(dataset, (TeacherCacheDataset, EpochOrderedDataset)):
+            self._epoch_callback = SetEpochCallback(dataset)
+            self.add_callback(self._epoch_callback)
 
     @staticmethod
     def _stream_reading(args, train_dataset) -> None:
@@ -545,6 +611,9 @@ class DistillationTrainer(Trainer):
         from .mixing import BatchMixer, EpochOrderedDataset
         from .models import num_classes_of
 
+        if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
+            raise ValueError("dataloader_persistent_workers would freeze the epoch order of mixed batches in the "
+                             "workers (set_epoch never reaches them): leave it off with mixup / CutMix")
         n_classes = num_classes_of(student) or next((num_classes_of(t) for t in teachers if num_classes_of(t)), None)
         if n_classes is None:
             raise ValueError("mixup / CutMix needs the number of classes for the mixed labels: give the student a "
@@ -577,6 +646,13 @@ class DistillationTrainer(Trainer):
                                "sampler or collator dropped it")
         size, start = self.args.per_device_train_batch_size, int(positions[0])
         expected = torch.arange(start, start + len(positions), device=positions.device)
+        if (start % size or not torch.equal(positions, expected)) and self.accelerator.num_processes > 1 and (
+                "mix_lam" not in inputs):
+            # accelerate's even_batches completed the epoch's last round with samples from the epoch's start: a
+            # batch of its own, mixed within itself by draws of its own (past the epoch's batch indices)
+            batches = -(-len(self.train_dataset) // size)
+            params = self.mixer.params(int(epochs[0]), batches + start, x.shape)
+            return self.mixer.apply(x, params), (self.mixer.targets(labels, params) if labels is not None else None)
         if start % size or not torch.equal(positions, expected):
             raise RuntimeError(f"a mixed batch must be a run of consecutive positions starting at a multiple of the "
                                f"batch size ({size}); got positions {positions.tolist()[:4]}...")
@@ -646,6 +722,11 @@ class DistillationTrainer(Trainer):
     @property
     def progress(self) -> Progress:
         state = self.state
+        steps = getattr(self, "_stream_epoch_steps", None)
+        if steps is not None:  # a stream: epochs of its own length, not the Trainer's (max_steps long)
+            return Progress(step=state.global_step, max_steps=state.max_steps,
+                            epoch=state.global_step / steps if steps else 0.0,
+                            num_epochs=state.max_steps / steps if steps else 0.0, steps_per_epoch=steps)
         return Progress(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0,
                         num_epochs=float(getattr(state, "num_train_epochs", 0) or self.args.num_train_epochs),
                         steps_per_epoch=self._steps_per_epoch)
@@ -724,9 +805,11 @@ class DistillationTrainer(Trainer):
             out = model(pixel_values=pixel_values, features_only=True)  # e.g. FitNets stage 1
         else:
             out = model(pixel_values=pixel_values)
-        cached = inputs.get("teacher_logits")
+        # cached outputs are read only from the cache named by teacher_cache_dir (checked at construction)
+        from_cache = model.training and self.teacher_cache is not None
+        cached = inputs.get("teacher_logits") if from_cache else None
         if self.method.teacher_output == "features":
-            cached_features = self._cached_feature_maps(inputs) if model.training else None
+            cached_features = self._cached_feature_maps(inputs) if from_cache else None
             teacher_logits = None
             teacher_features = cached_features if cached_features is not None else self.teacher_feature_maps(
                 pixel_values)
@@ -833,11 +916,18 @@ class DistillationTrainer(Trainer):
         return accuracy_metrics(eval_pred, self._eval_output_names)
 
     def _collect_teacher_logits(self, pixel_values: torch.Tensor) -> None:
-        key = (*self._eval_teacher_key, len(self._eval_teacher_batches))
-        logits = self._eval_teacher_cache.get(key)
-        if logits is None:
+        """The teachers' logits of an evaluation batch, each example's computed once: keyed by its pixels (the
+        frozen teachers give an image the same logits whatever batch, batch size or dataset it comes in)."""
+        import hashlib
+
+        rows = pixel_values.detach().cpu().contiguous()
+        keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in rows]
+        known = [self._eval_teacher_cache.get(k) for k in keys]
+        if any(v is None for v in known) or self.teachers.sharded:  # a sharded forward needs every process
             logits = self.teacher_logits(pixel_values).float().cpu()
-            self._eval_teacher_cache[key] = logits
+            self._eval_teacher_cache.update(zip(keys, logits))
+        else:
+            logits = torch.stack(known)
         self._eval_teacher_batches.append(self.accelerator.gather_for_metrics(logits.to(pixel_values.device)).cpu())
 
     def _sync_buffers(self) -> None:
@@ -930,7 +1020,10 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ saving & resuming
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the student alone, in its own library's format (plus card and arguments)."""
+        """Write the student alone, in its own library's format (plus card and arguments).
+
+        A checkpoint (``_save_checkpoint``) holds what resumes training: the whole student. An export
+        (``save_model``) holds what the user ships: for feature distillation, the backbone alone."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -938,7 +1031,8 @@ class DistillationTrainer(Trainer):
         student_state = None
         if state_dict is not None:
             student_state = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
-        if self.method.student_output == "features":  # the backbone, without a classifier it never trained
+        if self.method.student_output == "features" and not getattr(self, "_checkpointing", False):
+            # the export: the backbone, without a classifier it never trained
             save_native(export_backbone(self.student), output_dir)
         else:
             save_native(self.student, output_dir, state_dict=student_state)
@@ -949,7 +1043,11 @@ class DistillationTrainer(Trainer):
         self.create_model_card(output_dir=output_dir)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        self._checkpointing = True  # _save writes the whole student, which _load_from_checkpoint restores
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpointing = False
         # Extra modules live only in checkpoints (to resume), never in the exported student.
         if self.args.should_save and len(self.extra_modules):
             import safetensors.torch

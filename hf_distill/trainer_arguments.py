@@ -134,7 +134,7 @@ SUPPORT: dict[str, tuple[str, str]] = {
     "dataloader_drop_last": (WORKS, ""),
     "dataloader_num_workers": (WORKS, ""),
     "dataloader_pin_memory": (WORKS, ""),
-    "dataloader_persistent_workers": (WORKS, "not with a teacher-output cache (its views change every epoch)"),
+    "dataloader_persistent_workers": (WORKS, "not with a teacher-output cache or mixup / CutMix (their epochs change the items)"),
     "dataloader_prefetch_factor": (WORKS, ""),
     "dataloader_multiprocessing_context": (WORKS, ""),
     "dataloader_in_order": (WORKS, ""),

@@ -231,7 +231,8 @@ def test_each_head_learns_from_its_own_term(library, distill_loss, data32, make_
         grads[alpha] = {name: 0.0 if getattr(student, name).weight.grad is None else
                         getattr(student, name).weight.grad.abs().sum().item() for name in (cls_name, dist_name)}
     assert grads[0.0][cls_name] > 0 and grads[0.0][dist_name] == 0  # labels -> class head only
-    assert grads[1.0][dist_name] > 0 and grads[1.0][cls_name] == 0  # teacher -> distillation head only
+    # no label term: both heads learn the teacher (both are half of every prediction; issue 24)
+    assert grads[1.0][dist_name] > 0 and grads[1.0][cls_name] > 0
 
 
 @pytest.mark.parametrize("library", list(HEADS))

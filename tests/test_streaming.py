@@ -52,7 +52,8 @@ def test_trainer_trains_the_requested_steps_on_a_stream_and_evaluates_one(stream
 
 SPEC32 = tiny_spec(size=32)
 EVERY_METHOD = {  # the arguments each method needs beyond its name, and whether it takes a teacher
-    "kd": ({}, True), "dkd": ({}, True), "dist": ({}, True), "feature": ({}, True),
+    # DKD's warm-up counts epochs, which this stream (no split sizes) cannot measure: off here (issue 24)
+    "kd": ({}, True), "dkd": ({"dkd_warmup_epochs": 0.0}, True), "dist": ({}, True), "feature": ({}, True),
     "fitnets": ({"hint_layers": ["layer1:layer2"]}, True), "noisy_teacher": ({}, True), "byot": ({}, False),
     "sftn": ({"sftn_student_model": "test_resnet"}, False), "supervised": ({}, False),
 }

@@ -91,6 +91,8 @@ class DistillationMethod:
     # hf_distill.features.backbone_features); with "features", the method's eval_values are the metrics
     student_output: ClassVar[str] = "logits"
     teacher_output: ClassVar[str] = "logits"
+    # arguments counted in epochs (schedules): a stream must then have a known length to measure epochs in
+    epoch_arguments: ClassVar[tuple[str, ...]] = ()
     # what hyperparameter_search tunes by default besides the learning rate (hf_distill.search format)
     search_space: ClassVar[dict] = {"temperature": {"low": 1.0, "high": 8.0}, "alpha": {"low": 0.1, "high": 1.0}}
 

@@ -55,6 +55,10 @@ class DIST(DistillationMethod):
     def loss(self, out: StepOutputs):
         a = self.args
         inter, intra = dist_terms(out.teacher_view_logits, out.teacher_logits, a.temperature)
+        if a.dist_ce_weight == 0 and out.student_dist_logits is not None:
+            # no label term: the class head learns the teacher too (it is half of every prediction)
+            cls_inter, cls_intra = dist_terms(out.student_logits, out.teacher_logits, a.temperature)
+            inter, intra = 0.5 * (inter + cls_inter), 0.5 * (intra + cls_intra)
         total = a.dist_weight * (a.dist_beta * inter + a.dist_gamma * intra)
         terms = {"loss_inter": inter.detach(), "loss_intra": intra.detach()}
         if a.dist_ce_weight > 0:

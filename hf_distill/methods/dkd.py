@@ -33,6 +33,7 @@ class DecoupledKD(DistillationMethod):
     search_space = {"temperature": {"low": 1.0, "high": 8.0}, "dkd_beta": {"low": 0.5, "high": 8.0, "log": True}}
     alpha_instead = "its terms are weighed by dkd_alpha (TCKD) and dkd_beta (NCKD), next to the label CE"
     mixes = False
+    epoch_arguments = ("dkd_warmup_epochs",)
     no_mixing = "DKD splits the teacher's knowledge at each image's one label, which a mixed image does not have"
     paper = ("Decoupled Knowledge Distillation (Zhao et al., CVPR 2022)", "https://arxiv.org/abs/2203.08679")
     title = "Decoupled knowledge distillation (DKD)"

@@ -180,6 +180,7 @@ class Hints:
 
 class FitNets(DistillationMethod):
     name = "fitnets"
+    epoch_arguments = ("hint_epochs",)
     arguments = FitNetsArguments
     paper = ("FitNets: Hints for Thin Deep Nets (Romero et al., ICLR 2015)", "https://arxiv.org/abs/1412.6550")
     title = "FitNets (hint-based distillation)"
