@@ -205,7 +205,7 @@ def build_teacher_cache(
     with _left_as_they_are(teachers):
         return _build(_placed(teachers, device, dtype), reading, config, plan, manifest, cache_dir, state, n,
                       num_entries, student_spec, augmentation, seed, int(batch_size), image_column, label_column,
-                      outputs, feature_targets, feature_dtype, mixing, top_k, device, on_shard_written)
+                      outputs, feature_targets, feature_dtype, mixing, top_k, device, on_shard_written, teacher_compile)
 
 
 def _placed(teachers: list[nn.Module], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
@@ -243,7 +243,7 @@ class _left_as_they_are:
 
 def _build(teachers, reading, config, plan, manifest, cache_dir, state, n, num_entries, student_spec, augmentation,
            seed, batch_size, image_column, label_column, outputs, feature_targets, feature_dtype, mixing, top_k,
-           device, on_shard_written) -> "TeacherCache":
+           device, on_shard_written, teacher_compile=None) -> "TeacherCache":
     """The build itself, with teachers already placed (see :func:`build_teacher_cache`)."""
     shapes = None
     if outputs == "features":
