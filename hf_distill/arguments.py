@@ -158,6 +158,9 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, TrainingArguments):
         check_trainer_arguments(self)
         _bf16_on_cpu(self)
         super().__post_init__()
+        if self.dataloader_pin_memory and (self.use_cpu or not _has_accelerator()):
+            # pinned memory serves host-to-accelerator copies; without one torch warns at every dataloader
+            self.dataloader_pin_memory = False
         if self.temperature is None:
             self.temperature = method.default_temperature
         for key, value in method.preset.items():  # a method's defaults for arguments left unset
@@ -254,11 +257,15 @@ def unused_options(args, method) -> list[str]:
     return [f"distill_method='{method.name}' does not use " + "; ".join(unused)]
 
 
+def _has_accelerator() -> bool:
+    from .trainer_arguments import _has_accelerator as has
+
+    return has()
+
+
 def _bf16_on_cpu(args) -> None:
     """bf16 autocast runs on CPU (accelerate supports it there), but transformers asks for use_cpu=True on a
     machine without an accelerator: that machine has nothing else to run on, so it is set."""
-    from .trainer_arguments import _has_accelerator
-
     if args.bf16 and not args.use_cpu and not _has_accelerator():
         import torch
 

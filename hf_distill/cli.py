@@ -15,6 +15,7 @@ distillation, model and data flags first. Errors are one line on stderr and a no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -315,11 +316,12 @@ def load_student(model_args, train, label_column: str, backbone: bool = False):
         raise UsageError("--student_model_name_or_path is required")
     num_labels, names = (None, None) if backbone else dataset_classes(train, label_column)
     student_kw = {"in_chans": model_args.in_chans} if model_args.in_chans else {}
-    student = load_model(
-        model_args.student_model_name_or_path, num_labels=num_labels, pretrained=model_args.student_pretrained,
-        revision=model_args.student_revision, cache_dir=model_args.cache_dir, label_names=names, backbone=backbone,
-        **student_kw,
-    )
+    with _flag_for_pretrained("--no_student_pretrained"):
+        student = load_model(
+            model_args.student_model_name_or_path, num_labels=num_labels, pretrained=model_args.student_pretrained,
+            revision=model_args.student_revision, cache_dir=model_args.cache_dir, label_names=names,
+            backbone=backbone, **student_kw,
+        )
     if model_args.image_hw:
         set_input_spec(student, dataclasses.replace(input_spec(student), image_size=model_args.image_hw))
     return student
@@ -328,11 +330,23 @@ def load_student(model_args, train, label_column: str, backbone: bool = False):
 def load_teachers(model_args, training_args, backbone: bool = False):
     from .models import load_model
 
-    return [
-        load_model(name, pretrained=model_args.teacher_pretrained, revision=training_args.teacher_revision,
-                   cache_dir=model_args.cache_dir, backbone=backbone)
-        for name in training_args.teacher_names
-    ]
+    with _flag_for_pretrained("--no_teacher_pretrained"):
+        return [
+            load_model(name, pretrained=model_args.teacher_pretrained, revision=training_args.teacher_revision,
+                       cache_dir=model_args.cache_dir, backbone=backbone)
+            for name in training_args.teacher_names
+        ]
+
+
+@contextlib.contextmanager
+def _flag_for_pretrained(flag: str):
+    """load_model's advice speaks Python (``pretrained=False``); on the command line it is a flag."""
+    from .models import ModelLoadError
+
+    try:
+        yield
+    except ModelLoadError as err:
+        raise ModelLoadError(str(err).replace("pretrained=False", flag)) from err
 
 
 def load_knn_dataset(data_args, seed: int, cache_dir: str | None = None):
@@ -546,6 +560,9 @@ def build_trainer(model_args, data_args, training_args, print_fn=print, model_in
         knn_train_dataset=with_image_transform(knn, spec, False, **eval_columns) if knn is not None else None,
     )
     trainer.card_info.update(dataset=data_args.dataset_name)
+    if trainer.is_world_process_zero():
+        for line in trainer.teachers.describe_inputs():  # what each teacher is fed (logged, not shown, in Python)
+            print_fn(line)
     return trainer, train, evaluation
 
 

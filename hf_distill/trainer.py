@@ -248,6 +248,11 @@ class DistillationTrainer(Trainer):
             raise ValueError("batch_eval_metrics needs a compute_metrics that accepts compute_result; the default "
                              "accuracy metric scores the whole evaluation set at once")
 
+        from .teacher_cache import TeacherCacheDataset
+
+        if not args.teacher_cache_dir and isinstance(train_dataset, TeacherCacheDataset):
+            # train_dataset=with_teacher_cache(...) already names the cache: that is the teacher
+            args.teacher_cache_dir = str(train_dataset.cache.cache_dir)
         self.method = get_method(args.distill_method)(args)
         teachers = self._resolve_teachers(teacher_model, args)
         if self.method.needs_teacher and not teachers and not args.teacher_cache_dir:
