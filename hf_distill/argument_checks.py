@@ -47,8 +47,9 @@ def _enum_values(hint) -> list[str]:
 def describe(hint) -> str:
     """What a type asks for, in words."""
     names = []
+    has_enum = bool(_enum_values(hint))
     for t in _members(hint):
-        if t is _NONE:
+        if t is _NONE or (t is str and has_enum):  # `Union[SaveStrategy, str]`: the strings are the choices
             continue
         origin = typing.get_origin(t)
         if origin in (list, tuple):
