@@ -71,12 +71,13 @@ def ws(tmp_path_factory):
     set_input_spec(teacher, InputSpec(mean=(0.5,), std=(0.5,), image_size=(32, 32), in_chans=1))
     save_native(teacher, ws / TEACHER)
     train = digits_dataset()["train"]
-    for i in range(60):  # a labelled imagefolder (class sub-folders) and an unlabelled flat one
+    (ws / "unlabelled").mkdir()
+    for i in range(100):  # a labelled imagefolder (class sub-folders) and an unlabelled flat one
         example = train[i]
         (ws / "labelled" / str(example["label"])).mkdir(parents=True, exist_ok=True)
         example["image"].resize((24, 24)).save(ws / "labelled" / str(example["label"]) / f"{i:03d}.png")
-        (ws / "unlabelled").mkdir(exist_ok=True)
-        example["image"].resize((24, 24)).save(ws / "unlabelled" / f"{i:03d}.png")
+        if i < 60:
+            example["image"].resize((24, 24)).save(ws / "unlabelled" / f"{i:03d}.png")
     return ws
 
 
