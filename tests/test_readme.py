@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,9 @@ def test_every_readme_block_runs_in_order(ws):
             env = {}
             if "--push_to_hub" in block:
                 env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": token}
+            start = time.perf_counter()
             proc = _bash(block, ws, env)
+            print(f"{time.perf_counter() - start:6.1f} s  {block.splitlines()[0][:90]}")  # where the minutes go (-s)
             assert proc.returncode == 0, f"{block}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
             assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
             if block.startswith("python3 -m venv"):  # the demo: teacher, students and the card
