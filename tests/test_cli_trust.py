@@ -289,3 +289,37 @@ def test_knn_from_a_separate_labelled_folder_while_training_on_an_unlabelled_one
     assert "on 60 images (unlabelled)" in proc.stdout  # every unlabelled image trains: evaluation is elsewhere
     assert re.search(r"^teacher 0 \(.*\): input adapter: ", proc.stdout, re.M)  # visible at default verbosity
     assert "pin_memory" not in proc.stderr
+
+
+def test_last_checkpoint_skips_one_whose_save_was_cut_short(tmp_path):
+    from hf_distill.cli import last_checkpoint
+
+    for step, complete in ((2, True), (10, True), (12, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")  # by step number, not by name
+    assert last_checkpoint(tmp_path / "missing") is None
+
+
+def test_backbone_load_report_is_one_line_and_config_only_statistics_are_called_a_guess(tmp_path, capfd, caplog):
+    import logging
+
+    from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
+
+    from hf_distill import load_model
+    from hf_distill.models import IMAGENET_MEAN, input_spec
+
+    config = Dinov2Config(image_size=32, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, intermediate_size=16, num_labels=10)
+    Dinov2ForImageClassification(config).save_pretrained(tmp_path / "cls")
+    Dinov2Model(config).save_pretrained(tmp_path / "backbone")
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="hf_distill.models"):
+        backbone = load_model(str(tmp_path / "cls"), backbone=True)  # the classifier's head is left out
+    assert type(backbone).__name__ == "Dinov2Model"
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    assert "2 checkpoint weights unused (classifier.bias, classifier.weight)" in caplog.text
+    spec = input_spec(load_model(str(tmp_path / "backbone"), backbone=True))  # no preprocessor_config.json
+    assert spec.mean == IMAGENET_MEAN and "guessed from model_type 'dinov2'" in spec.source

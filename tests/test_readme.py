@@ -5,7 +5,8 @@ long or cannot happen in a test, and says so:
 
 * ``hf-distill`` commands get flags appended that cut a run short (``--max_steps 3``, fewer samples, two search
   trials, a two-epoch demo); a later flag overrides an earlier one, so the command line is otherwise the README's;
-* ``torchrun`` / ``accelerate launch`` start 2 processes where the README says 8 (this machine has 2 cores);
+* ``torchrun`` / ``accelerate launch`` start 2 processes where the README says 8 (this machine has 2 cores), torchrun
+  on a free port (``--standalone``);
 * installing (``pip install -e ".[extra]"``) is checked, not done: the extras must exist in pyproject.toml and
   their packages be importable here; ``python3 -m venv`` creates the environment without pip (offline);
 * ``python -m pytest`` collects the suite, in the repository (running it from inside itself would recurse);
@@ -43,7 +44,7 @@ hf-distill() {{
     esac
 }}
 torchrun() {{
-    local args=()
+    local args=(--standalone)  # a free rendezvous port: another torchrun on this machine may hold the default
     while [ $# -gt 0 ]; do
         if [ "$1" = "--nproc_per_node" ]; then args+=("$1" 2); shift 2; else args+=("$1"); shift; fi
     done
