@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from transformers import TrainingArguments
@@ -151,13 +151,19 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, SpeedArguments, TrainingA
 
         # first, on the values as given: transformers would normalise them (do_eval from eval_strategy, ...)
         # or fail on them with its own, less telling, errors (deepspeed without DeepSpeed, ...)
-        check_trainer_arguments(self)
-        super().__post_init__()
+        from .argument_checks import raise_problems, range_problems, type_problems
+
         method = get_method(self.distill_method)  # raises with the list of valid names
+        # types, ranges and options of other methods, all in one line, before transformers reads them
+        raise_problems(type_problems(self) + range_problems(self) + unused_options(self, method))
+        check_trainer_arguments(self)
+        _bf16_on_cpu(self)
+        super().__post_init__()
+        if self.dataloader_pin_memory and (self.use_cpu or not _has_accelerator()):
+            # pinned memory serves host-to-accelerator copies; without one torch warns at every dataloader
+            self.dataloader_pin_memory = False
         if self.temperature is None:
             self.temperature = method.default_temperature
-        if self.alpha is not None and not method.uses_alpha:
-            raise ValueError(f"distill_method='{self.distill_method}' does not use alpha: {method.alpha_instead}")
         for key, value in method.preset.items():  # a method's defaults for arguments left unset
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -225,6 +231,49 @@ class DistillationTrainingArguments(*METHOD_ARGUMENTS, SpeedArguments, TrainingA
         return [value] if isinstance(value, str) else list(value)
 
 
+def method_options() -> dict[str, list[str]]:
+    """``{argument: methods that read it}`` for the arguments methods bring (their ``arguments`` dataclass, and
+    ``also_uses`` for those borrowed from another method) plus ``alpha``."""
+    users: dict[str, list[str]] = {"alpha": [name for name, m in METHODS.items() if m.uses_alpha]}
+    for name, m in METHODS.items():
+        own = [f.name for f in fields(m.arguments)] if m.arguments is not None else []
+        for option in (*own, *getattr(m, "also_uses", ())):
+            users.setdefault(option, []).append(name)
+    return users
+
+
+def unused_options(args, method) -> list[str]:
+    """Arguments set away from their default that ``method`` does not read, each with the methods that do."""
+    defaults = {f.name: f.default for f in fields(DistillationTrainingArguments)}
+    unused = []
+    for option, users in method_options().items():
+        if method.name in users or getattr(args, option, None) == defaults.get(option):
+            continue
+        if option == "alpha":
+            unused.append(f"alpha: {method.alpha_instead}" if method.alpha_instead else "alpha")
+        else:
+            unused.append(f"{option} (an option of {', '.join(users)})")
+    if not unused:
+        return []
+    return [f"distill_method='{method.name}' does not use " + "; ".join(unused)]
+
+
+def _has_accelerator() -> bool:
+    from .trainer_arguments import _has_accelerator as has
+
+    return has()
+
+
+def _bf16_on_cpu(args) -> None:
+    """bf16 autocast runs on CPU (accelerate supports it there), but transformers asks for use_cpu=True on a
+    machine without an accelerator: that machine has nothing else to run on, so it is set."""
+    if args.bf16 and not args.use_cpu and not _has_accelerator():
+        import torch
+
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            args.use_cpu = True
+
+
 @dataclass
 class ModelArguments:
     """Which student to train (the teacher is in the training arguments)."""
@@ -245,9 +294,27 @@ class ModelArguments:
     in_chans: Optional[int] = field(
         default=None, metadata={"help": "Input channels for timm students built by name (1 for grey images)."}
     )
-    image_size: Optional[int] = field(
-        default=None, metadata={"help": "Input resolution the student is trained at (default: its data config)."}
+    image_size: Optional[list[int]] = field(
+        default=None, metadata={"help": "Input resolution the student is trained at: one value (square) or two (height "
+                                "width); default: its data config."}
     )
+
+    def __post_init__(self):
+        from .argument_checks import raise_problems, range_problems
+
+        if isinstance(self.image_size, int) and not isinstance(self.image_size, bool):
+            self.image_size = [self.image_size]
+        problems = range_problems(self)
+        if self.image_size is not None and len(self.image_size) not in (1, 2):
+            problems.append(f"image_size takes one value (square) or two (height width), got {self.image_size}")
+        raise_problems(problems)
+
+    @property
+    def image_hw(self) -> tuple[int, int] | None:
+        """``image_size`` as (height, width), or None."""
+        if not self.image_size:
+            return None
+        return (self.image_size[0], self.image_size[-1])
 
 
 @dataclass
@@ -286,11 +353,33 @@ class DataArguments:
         default=None,
         metadata={"help": "Feature distillation: a labelled split (e.g. `train`) whose features are the k-NN "
                   "classifier's memory, to report eval_knn_accuracy (student) and eval_teacher_knn_accuracy on a "
-                  "labelled evaluation split (DINO's k-NN: k=20, cosine)."},
+                  "labelled evaluation split (DINO's k-NN: k=20, cosine). A split of --knn_dataset_name when it is "
+                  "given (default there: `train`)."},
     )
     knn_max_samples: Optional[int] = field(
         default=None, metadata={"help": "Keep only this many (random) images of --knn_split."})
+    knn_dataset_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "Feature distillation: a separate labelled dataset (Hub name or folder, as --dataset_name) "
+                  "for k-NN evaluation, e.g. when training on an unlabelled folder: its --knn_split (default `train`) "
+                  "is the k-NN memory and its evaluation split (validation, else test, else a held-out part) is "
+                  "classified."},
+    )
+    knn_dataset_config_name: Optional[str] = field(
+        default=None, metadata={"help": "Hub configuration name of --knn_dataset_name."})
+    knn_image_column_name: Optional[str] = field(
+        default=None, metadata={"help": "Image column of --knn_dataset_name (default: --image_column_name)."})
+    knn_label_column_name: Optional[str] = field(
+        default=None, metadata={"help": "Label column of --knn_dataset_name (default: --label_column_name)."})
     train_augmentation: str = field(
         default="none",
         metadata={"help": "`none` (resize + normalise) or `timm` (timm's training transform: random resized crop, flip)."},
     )
+
+    def __post_init__(self):
+        from .argument_checks import raise_problems, range_problems
+
+        problems = range_problems(self)
+        if self.train_augmentation not in ("none", "timm"):
+            problems.append(f"train_augmentation must be 'none' or 'timm', got '{self.train_augmentation}'")
+        raise_problems(problems)

@@ -15,6 +15,7 @@ distillation, model and data flags first. Errors are one line on stderr and a no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,6 +38,10 @@ logger = logging.getLogger("hf_distill.cli")
 
 class UsageError(Exception):
     """A mistake in the command line or the config file (exit code 2, like argparse)."""
+
+
+class ConfigError(UsageError):
+    """A mistake in a config file, already named by its keys (not translated to flags)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,15 +139,24 @@ def _parse(parser, argv: Sequence[str]):
             hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
             detail = ", ".join(f"{k}" + (f" (did you mean {v[0]}?)" if v else "") for k, v in hints.items())
             raise UsageError(f"{known.config}: unknown argument(s): {detail}")
-        parser.set_defaults(**config)
+        parser.set_defaults(**_config_values(parser, config, known.config))
         given |= set(config)
     flags = {o for a in parser._actions for o in a.option_strings}
     for arg in argv:
         name = arg.split("=", 1)[0]
         if name.startswith("--") and name not in flags:
-            close = difflib.get_close_matches(name, flags, n=1)
-            raise UsageError(f"unknown flag {name}" + (f" (did you mean {close[0]}?)" if close else "")
-                             + f"; `{parser.prog} --help` lists them")
+            raise UsageError(f"unknown flag {name}" + _closest_flag(name, flags) + f"; `{parser.prog} --help` lists them")
+
+    def refuse(message):  # argparse's own errors (a flag's value of the wrong type): one line, not usage + exit
+        kinds = {"int": "an integer", "float": "a number", "string_to_bool": "true or false"}
+        m = re.match(r"argument (--\w+)\S*: invalid (\w+) value: (.*)", message)
+        if m and m.group(2) in kinds:
+            message = f"{m.group(1)} must be {kinds[m.group(2)]}, got {m.group(3)}"
+        else:  # `--a/--a-alias: ...`: the flag as documented
+            message = re.sub(r"^argument (--\w+)/\S+:", r"\1:", message)
+        raise UsageError(message)
+
+    parser.error = refuse
     try:
         *groups, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as err:  # an argument value the dataclasses refuse
@@ -150,6 +164,51 @@ def _parse(parser, argv: Sequence[str]):
     if rest:
         raise UsageError(f"unrecognised arguments: {' '.join(rest)}")
     return groups, given
+
+
+def _closest_flag(name: str, flags) -> str:
+    """`` (did you mean --temperature?)`` for ``--temp``: flags it begins first, then similar spellings."""
+    import difflib
+
+    longer = sorted((f for f in flags if f.startswith(name) and f != name), key=len)
+    close = longer[:3] or difflib.get_close_matches(name, [f for f in flags if f != "--help"], n=1)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _config_values(parser, config: dict, path: str) -> dict:
+    """A config file's values converted to their arguments' types (as the flags would be), or one line naming
+    every key whose value does not fit."""
+    from .argument_checks import Mismatch, coerce, field_types, show
+
+    hints = {}
+    for dtype in parser.dataclass_types:
+        hints.update(field_types(dtype))
+    actions = {a.dest: a for a in parser._actions}
+    values, problems = {}, []
+    for key, value in config.items():
+        hint, action = hints.get(key), actions.get(key)
+        if key == "search_space" and isinstance(value, dict):  # an inline mapping (see _search_main)
+            values[key] = value
+            continue
+        if hint is None:
+            values[key] = value
+            continue
+        try:
+            converted = coerce(value, hint, lenient=True)
+        except Mismatch as err:
+            yaml_bool = isinstance(value, bool) and path.lower().endswith((".yaml", ".yml"))
+            note = " (YAML reads an unquoted yes/no/on/off as true/false: quote the value)" if yaml_bool else ""
+            problems.append(f"{key}: expected {err}, got {show(value)}{note}")
+            continue
+        choices = getattr(action, "choices", None)
+        if choices and converted is not None:
+            for v in converted if isinstance(converted, list) else [converted]:
+                if v not in choices:
+                    problems.append(f"{key}: {show(v)} is not one of {', '.join(map(str, choices))}")
+        values[key] = converted
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    return values
 
 
 def parse_train_args(argv: Sequence[str]):
@@ -186,11 +245,15 @@ def load_splits(data_args, seed: int, cache_dir: str | None = None):
     dsd = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir,
                              streaming=data_args.streaming)
     try:
-        train, evaluation = split_train_eval(dsd, data_args.train_split, data_args.eval_split,
-                                             data_args.eval_fraction, seed, data_args.label_column_name)
+        if getattr(data_args, "knn_dataset_name", None) and data_args.train_split in dsd:
+            # evaluation is on the k-NN dataset (load_knn_dataset): every training image trains
+            train, evaluation = dsd[data_args.train_split], dsd[data_args.train_split]
+        else:
+            train, evaluation = split_train_eval(dsd, data_args.train_split, data_args.eval_split,
+                                                 data_args.eval_fraction, seed, data_args.label_column_name)
     except ValueError as err:
         raise UsageError(str(err).replace("(eval_split)", "(--eval_split)")) from None
-    if data_args.streaming:
+    if data_args.streaming and not getattr(data_args, "knn_dataset_name", None):
         # evaluation reads its split whole (its size known): exact metrics over any number of processes
         from .data import load_image_split
 
@@ -253,31 +316,72 @@ def load_student(model_args, train, label_column: str, backbone: bool = False):
         raise UsageError("--student_model_name_or_path is required")
     num_labels, names = (None, None) if backbone else dataset_classes(train, label_column)
     student_kw = {"in_chans": model_args.in_chans} if model_args.in_chans else {}
-    student = load_model(
-        model_args.student_model_name_or_path, num_labels=num_labels, pretrained=model_args.student_pretrained,
-        revision=model_args.student_revision, cache_dir=model_args.cache_dir, label_names=names, backbone=backbone,
-        **student_kw,
-    )
-    if model_args.image_size:
-        size = (model_args.image_size, model_args.image_size)
-        set_input_spec(student, dataclasses.replace(input_spec(student), image_size=size))
+    with _flag_for_pretrained("--no_student_pretrained"):
+        student = load_model(
+            model_args.student_model_name_or_path, num_labels=num_labels, pretrained=model_args.student_pretrained,
+            revision=model_args.student_revision, cache_dir=model_args.cache_dir, label_names=names,
+            backbone=backbone, **student_kw,
+        )
+    if model_args.image_hw:
+        set_input_spec(student, dataclasses.replace(input_spec(student), image_size=model_args.image_hw))
     return student
 
 
 def load_teachers(model_args, training_args, backbone: bool = False):
     from .models import load_model
 
-    return [
-        load_model(name, pretrained=model_args.teacher_pretrained, revision=training_args.teacher_revision,
-                   cache_dir=model_args.cache_dir, backbone=backbone)
-        for name in training_args.teacher_names
-    ]
+    with _flag_for_pretrained("--no_teacher_pretrained"):
+        return [
+            load_model(name, pretrained=model_args.teacher_pretrained, revision=training_args.teacher_revision,
+                       cache_dir=model_args.cache_dir, backbone=backbone)
+            for name in training_args.teacher_names
+        ]
+
+
+@contextlib.contextmanager
+def _flag_for_pretrained(flag: str):
+    """load_model's advice speaks Python (``pretrained=False``); on the command line it is a flag."""
+    from .models import ModelLoadError
+
+    try:
+        yield
+    except ModelLoadError as err:
+        raise ModelLoadError(str(err).replace("pretrained=False", flag)) from err
+
+
+def load_knn_dataset(data_args, seed: int, cache_dir: str | None = None):
+    """``--knn_dataset_name``: (memory, evaluation) splits of a separate labelled dataset for k-NN evaluation; the
+    memory is ``--knn_split`` (default train), the evaluation its validation / test split or a held-out part."""
+    from .data import load_image_dataset, split_train_eval
+
+    name = data_args.knn_dataset_name
+    memory_split = data_args.knn_split or "train"
+    label = data_args.knn_label_column_name or data_args.label_column_name
+    image = data_args.knn_image_column_name or data_args.image_column_name
+    dsd = load_image_dataset(name, data_args.knn_dataset_config_name, cache_dir)
+    if memory_split not in dsd:
+        raise UsageError(f"--knn_split: no split '{memory_split}' in --knn_dataset_name {name}; splits: {list(dsd)}")
+    try:
+        memory, evaluation = split_train_eval(dsd, memory_split, None, data_args.eval_fraction, seed, label)
+    except ValueError as err:
+        raise UsageError(f"--knn_dataset_name {name}: {err}") from None
+    for column, flag in ((image, "--knn_image_column_name"), (label, "--knn_label_column_name")):
+        if column not in memory.column_names:
+            raise UsageError(f"{flag}: no column '{column}' in --knn_dataset_name {name}; its columns are "
+                             f"{memory.column_names} (the k-NN memory needs images and labels)")
+    if data_args.knn_max_samples:
+        memory = _random_subset(memory, data_args.knn_max_samples, seed)
+    if data_args.max_eval_samples:
+        evaluation = _random_subset(evaluation, data_args.max_eval_samples, seed)
+    return memory, evaluation
 
 
 def load_knn_split(data_args, seed: int, cache_dir: str | None = None):
     """The labelled split whose features are the k-NN memory (feature distillation), or None."""
     from .data import load_image_dataset, load_image_split
 
+    if data_args.knn_dataset_name:
+        return load_knn_dataset(data_args, seed, cache_dir)[0]
     if not data_args.knn_split:
         return None
     if data_args.streaming:  # that split alone, whole (the memory is read in full at each evaluation)
@@ -317,14 +421,79 @@ def check_teacher_classes(student, teachers, data_args) -> None:
             "--label_column_name.") from None
 
 
-def check_output_dir(training_args) -> None:
-    """Refuse to train over a saved model unless asked to (resuming a checkpoint is fine)."""
+def last_checkpoint(folder) -> str | None:
+    """The newest complete ``checkpoint-N`` in ``folder`` (transformers' ``get_last_checkpoint``, skipping one
+    whose save was cut short: the Trainer writes ``trainer_state.json`` last)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    steps = sorted((int(m.group(1)), p) for p in folder.iterdir()
+                   if p.is_dir() and (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", p.name)))
+    complete = [p for _, p in steps if (p / "trainer_state.json").exists()]
+    return str(complete[-1]) if complete else None
+
+
+def check_output_dir(training_args, print_fn=print) -> None:
+    """The run folder as transformers' example scripts treat it: an unfinished run (checkpoints, no saved model) is
+    resumed from its last checkpoint, saying so; ``--resume_from_checkpoint true|last`` means that checkpoint; a
+    saved model is not trained over unless ``--overwrite_output_dir`` (which then replaces the whole run)."""
     out = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        found = last_checkpoint(out)
+        if found is None:
+            raise UsageError(f"--resume_from_checkpoint {resume}: --output_dir {out} holds no complete checkpoint-* "
+                             "folder to resume from")
+        training_args.resume_from_checkpoint = found
+        return
+    if resume:
+        if not os.path.isdir(resume):
+            import difflib
+
+            near = [str(p) for p in Path(resume).parent.glob("checkpoint-*")] if Path(resume).parent.is_dir() else []
+            close = difflib.get_close_matches(resume, near, n=1, cutoff=0.5)
+            raise UsageError(f"--resume_from_checkpoint {resume}: no such folder"
+                             + (f" (did you mean {close[0]}?)" if close else "")
+                             + "; `--resume_from_checkpoint last` takes the newest checkpoint of --output_dir")
+        return
+    if training_args.overwrite_output_dir or not out.is_dir():
+        return
     saved = [n for n in ("config.json", "model.safetensors", "pytorch_model.bin") if (out / n).exists()]
-    if saved and not training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
+    if saved:
         raise UsageError(f"--output_dir {out} already holds a saved model ({', '.join(saved)}); training would replace "
                          "it. Choose another --output_dir, add --overwrite_output_dir, or continue a run with "
                          "--resume_from_checkpoint.")
+    found = last_checkpoint(out)
+    if found:
+        training_args.resume_from_checkpoint = found
+        print_fn(f"--output_dir {out} holds an unfinished run: resuming from {found}, as transformers' example "
+                 "scripts do (--overwrite_output_dir starts again from scratch; --resume_from_checkpoint PATH picks "
+                 "another checkpoint)")
+
+
+RUN_OUTPUTS = ("runs", "student")  # folders a run writes besides its checkpoints: logs, SFTN's phase 2
+
+
+def clear_previous_run(trainer, training_args, print_fn=print) -> None:
+    """``--overwrite_output_dir``: remove the previous run's files, checkpoints and logs from ``--output_dir``, so
+    none of it is mixed with the new run or resumed from later (other folders in it are left alone)."""
+    import shutil
+
+    out = Path(training_args.output_dir)
+    if not training_args.overwrite_output_dir or training_args.resume_from_checkpoint or not out.is_dir():
+        return
+    old = [p for p in out.iterdir()
+           if p.is_file() or (p.is_dir() and (p.name in RUN_OUTPUTS or p.name.startswith("checkpoint-")))]
+    if old and trainer.is_world_process_zero():
+        for p in old:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        print_fn(f"--overwrite_output_dir: removed the previous run from {out} ({len(old)} files and folders)")
+    trainer.accelerator.wait_for_everyone()
+
+
+_CURRENT_RUN: dict = {}  # what a Ctrl-C needs to say how to continue
 
 
 def build_trainer(model_args, data_args, training_args, print_fn=print, model_init: bool = False):
@@ -351,14 +520,22 @@ def build_trainer(model_args, data_args, training_args, print_fn=print, model_in
         raise UsageError(f"--distill_method {training_args.distill_method} needs a teacher: "
                          "--teacher_model_name_or_path (or a teacher-output cache, --teacher_cache_dir)")
     features = method.student_output == "features"  # label-free feature distillation: backbones, no labels
+    knn_flags = [f"--{n}" for n in ("knn_split", "knn_dataset_name", "knn_max_samples") if getattr(data_args, n)]
+    if knn_flags and not features:
+        raise UsageError(f"{', '.join(knn_flags)} applies to --distill_method feature (classifiers report "
+                         "eval_accuracy)")
     train, evaluation = load_splits(data_args, training_args.seed, model_args.cache_dir)
     set_seed(training_args.seed)  # a randomly initialised student is the same for the same --seed
     student = load_student(model_args, train, data_args.label_column_name, backbone=features)
     spec = input_spec(student)
     columns = {"image_column": data_args.image_column_name, "label_column": data_args.label_column_name}
-    knn = load_knn_split(data_args, training_args.seed, model_args.cache_dir)
-    if knn is not None and not features:
-        raise UsageError("--knn_split applies to --distill_method feature (classifiers report eval_accuracy)")
+    eval_columns = columns
+    if data_args.knn_dataset_name:  # k-NN memory and evaluation from the separate labelled dataset
+        knn, evaluation = load_knn_dataset(data_args, training_args.seed, model_args.cache_dir)
+        eval_columns = {"image_column": data_args.knn_image_column_name or data_args.image_column_name,
+                        "label_column": data_args.knn_label_column_name or data_args.label_column_name}
+    else:
+        knn = load_knn_split(data_args, training_args.seed, model_args.cache_dir)
     if training_args.teacher_cache_dir:
         from .teacher_cache import with_teacher_cache
 
@@ -378,11 +555,14 @@ def build_trainer(model_args, data_args, training_args, print_fn=print, model_in
         teacher_model=teachers or None,
         args=training_args,
         train_dataset=train_dataset,
-        eval_dataset=with_image_transform(evaluation, student, False, **columns),
+        eval_dataset=with_image_transform(evaluation, student, False, **eval_columns),
         callbacks=[EpochPrinter(print_fn)] if training_args.disable_tqdm else None,
-        knn_train_dataset=with_image_transform(knn, student, False, **columns) if knn is not None else None,
+        knn_train_dataset=with_image_transform(knn, student, False, **eval_columns) if knn is not None else None,
     )
     trainer.card_info.update(dataset=data_args.dataset_name)
+    if trainer.is_world_process_zero():
+        for line in trainer.teachers.describe_inputs():  # what each teacher is fed (logged, not shown, in Python)
+            print_fn(line)
     return trainer, train, evaluation
 
 
@@ -394,10 +574,12 @@ def run_training(model_args, data_args, training_args, print_fn=print):
     """Load data and models as the arguments say, distill, evaluate, save the student. Returns metrics."""
     from .data import SKIPPED_IMAGES
 
-    check_output_dir(training_args)
+    check_output_dir(training_args, print_fn)
     trainer, train, evaluation = build_trainer(model_args, data_args, training_args, print_fn)
     print_fn(f"training {model_args.student_model_name_or_path} with {training_args.distill_method} on "
              f"{_count(train)} ({data_args.dataset_name}); evaluating on {_count(evaluation)}")
+    clear_previous_run(trainer, training_args, print_fn)
+    _CURRENT_RUN["output_dir"] = training_args.output_dir
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
     trainer.save_model()
@@ -407,11 +589,14 @@ def run_training(model_args, data_args, training_args, print_fn=print):
     print_fn(f"model saved to {training_args.output_dir}")
     if training_args.distill_method == "sftn" and training_args.sftn_distill_method:
         # phase 2: distill the student SFTN made its teacher friendly to, from that teacher
+        from .methods.sftn import SFTNArguments
+
         student_args = dataclasses.replace(
             training_args, distill_method=training_args.sftn_distill_method, temperature=None,
             output_dir=os.path.join(training_args.output_dir, "student"),
             teacher_model_name_or_path=[training_args.output_dir],  # the saved SFTN teacher, reloaded
-            resume_from_checkpoint=None,
+            resume_from_checkpoint=None, alpha=None,  # alpha: phase 2's method sets its own default
+            **{f.name: f.default for f in dataclasses.fields(SFTNArguments)},  # options of phase 1 alone
         )
         student_model_args = dataclasses.replace(
             model_args, student_model_name_or_path=training_args.sftn_student_model, student_pretrained=False)
@@ -673,16 +858,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit:
         raise
     except KeyboardInterrupt:
-        print("hf-distill: interrupted", file=sys.stderr)
+        print(_interrupted_line(command, argv), file=sys.stderr)
         return 130
     except Exception as err:  # every failure is one actionable line; --traceback for the rest
         if show_traceback:
             raise
-        message = _cli_message(_one_line(err))
+        message = _one_line(err) if isinstance(err, ConfigError) else _cli_message(_one_line(err))
         print(f"hf-distill {command}: error: {message}", file=sys.stderr)
         if not isinstance(err, UsageError):
             print("(run again with --traceback for the details)", file=sys.stderr)
         return 2 if isinstance(err, UsageError) else 1
+
+
+def _interrupted_line(command: str, argv: Sequence[str]) -> str:
+    """What a Ctrl-C left behind and how to continue (a rerun resumes an unfinished run by itself)."""
+    import shlex
+
+    out = _CURRENT_RUN.get("output_dir")
+    if not out:
+        return "hf-distill: interrupted"
+    found = last_checkpoint(out)
+    again = shlex.join(["hf-distill", *([command] if command != "train" else []), *argv])
+    if found:
+        return (f"hf-distill: interrupted; the last checkpoint is {found}: run the same command to continue from it "
+                f"({again})")
+    return (f"hf-distill: interrupted before the first checkpoint in {out} (none saved yet: --save_strategy steps "
+            "--save_steps N saves them); the same command starts again from scratch")
 
 
 def _one_line(err: BaseException) -> str:
@@ -705,6 +906,7 @@ def _field_names() -> list[str]:
 def _cli_message(message: str) -> str:
     """Advice phrased for the command line: argument names become their flags (``alpha=0.5`` -> ``--alpha 0.5``)."""
     for name in _field_names():
+        message = re.sub(rf"(?<=does not use ){name}\b", f"--{name}", message)
         message = re.sub(rf"(?<![-\w.]){name}=(['\"]?)([^'\"\s,;)]*)\1", rf"--{name} \2", message)
         if "_" in name:
             message = re.sub(rf"(?<![-\w.]){name}\b", f"--{name}", message)

@@ -61,7 +61,37 @@ def load_image_dataset(name: str, config_name: str | None = None, cache_dir: str
                 ds = ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict(train=ds)
                 return _as_stream(ds) if streaming else ds
             return datasets.load_dataset("imagefolder", data_dir=name, cache_dir=cache_dir, streaming=streaming)
-    return datasets.load_dataset(name, config_name, cache_dir=cache_dir, streaming=streaming)
+    local = _missing_folder_message(name)
+    if local and _written_as_path(name):  # `./my_imagez`, `data/train_imgs`: never a Hub dataset
+        raise FileNotFoundError(local)
+    try:
+        return datasets.load_dataset(name, config_name, cache_dir=cache_dir, streaming=streaming)
+    except Exception as err:  # not on the Hub (or offline): a mistyped local folder is the likelier mistake
+        if local:
+            raise FileNotFoundError(f"{local}; nor could the Hub dataset '{name}' be loaded "
+                                    f"({type(err).__name__})") from err
+        raise
+
+
+def _written_as_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or "\\" in name or name.strip("/").count("/") > 1
+
+
+def _missing_folder_message(name: str) -> str | None:
+    """A dataset name that is no folder, but close to one that exists (or written as a path): the closest
+    folders. None when nothing local resembles it (a Hub dataset, then)."""
+    import difflib
+    from pathlib import Path
+
+    path = Path(os.path.expanduser(name.rstrip("/")))
+    parent = path.parent
+    if not parent.is_dir():
+        return f"no folder '{name}' (nor its parent folder '{parent}')" if _written_as_path(name) else None
+    siblings = sorted(str(p) if str(parent) != "." else p.name for p in parent.iterdir() if p.is_dir())
+    close = difflib.get_close_matches(str(path) if str(parent) != "." else path.name, siblings, n=3, cutoff=0.75)
+    if close:
+        return f"no folder '{name}' (did you mean {' or '.join(close)}?)"
+    return f"no folder '{name}'" if _written_as_path(name) else None
 
 
 def load_image_split(name: str, split: str, config_name: str | None = None, cache_dir: str | None = None):

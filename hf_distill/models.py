@@ -295,7 +295,9 @@ def _transformers_input_spec(model: nn.Module, processor: Any | None) -> InputSp
     fixed = hasattr(config, "patch_size") and hasattr(config, "image_size")
     size = _pair(getattr(config, "image_size", DEFAULT_IMAGE_SIZE) or DEFAULT_IMAGE_SIZE)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
-    source = "no image processor found: ImageNet statistics assumed"
+    source = (f"no image processor found: ImageNet mean/std guessed from model_type '{getattr(config, 'model_type', '')}' "
+              "(most released processors, DINOv2's and Swin's among them, use them; save the checkpoint's "
+              "preprocessor_config.json to be sure)")
     if processor is not None:
         source = f"image processor ({type(processor).__name__})"
         mean = tuple(getattr(processor, "image_mean", None) or mean)
@@ -310,9 +312,10 @@ def _transformers_input_spec(model: nn.Module, processor: Any | None) -> InputSp
                 size = (int(get("height")), int(get("width")))
             elif get("shortest_edge") and not fixed:
                 size = _pair(get("shortest_edge"))
-    elif getattr(config, "model_type", "") in ("vit", "deit", "beit", "dinov2", "swin"):
-        mean, std = (0.5,) * 3, (0.5,) * 3  # these processors default to [-1, 1]
-        source = f"no image processor found: mean/std 0.5 guessed from model_type '{config.model_type}'"
+    elif getattr(config, "model_type", "") in ("vit", "beit"):
+        mean, std = (0.5,) * 3, (0.5,) * 3  # Google's ViT and BEiT processors scale to [-1, 1]
+        source = (f"no image processor found: mean/std 0.5 guessed from model_type '{config.model_type}' (its released "
+                  "processors use them; save the checkpoint's preprocessor_config.json to be sure)")
     return InputSpec(mean=mean, std=std, image_size=size, in_chans=in_chans, fixed_size=fixed, source=source)
 
 
@@ -477,21 +480,49 @@ def load_model(
         if timm.is_model(name):
             model = _load_timm(name, num_labels, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
         else:
-            if "/" not in name.strip("/"):
+            if "/" not in name.strip("/") or _looks_like_path(name):
                 # not a timm name, not a folder, and not shaped like a Hub repo id (org/name): asking
                 # the Hub would only end in retries and an offline message
-                raise ModelLoadError(_not_found_message(name))
-            cfg = _hub_config(name, revision, cache_dir, token)
-            if _is_timm_config(cfg):
-                model = _load_timm(f"hf-hub:{name}", num_labels, pretrained=pretrained, cache_dir=cache_dir,
-                                   **kwargs)
-            else:
-                model = _load_transformers(name, num_labels, revision, cache_dir, token, pretrained, **kwargs)
+                raise ModelLoadError(_missing_folder_message(name) or _not_found_message(name))
+            try:
+                cfg = _hub_config(name, revision, cache_dir, token)
+                if _is_timm_config(cfg):
+                    model = _load_timm(f"hf-hub:{name}", num_labels, pretrained=pretrained, cache_dir=cache_dir,
+                                       **kwargs)
+                else:
+                    model = _load_transformers(name, num_labels, revision, cache_dir, token, pretrained, **kwargs)
+            except ModelLoadError:
+                local = _missing_folder_message(name)  # `runs/teacher_tim` next to a `runs/` folder: a typo
+                if local:
+                    raise ModelLoadError(local + "; no Hub repository of that name could be loaded either") from None
+                raise
     model.hf_distill_source = name
     if not hasattr(model, "hf_distill_init"):
         model.hf_distill_init = _init_description(model, name, pretrained)
     set_label_names(model, label_names)
     return model
+
+
+def _looks_like_path(name: str) -> bool:
+    """Written as a path, never a Hub repo id (``./runs/x``, ``/data/x``, ``~/x``, ``a/b/c``)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.strip("/").count("/") > 1
+
+
+def _missing_folder_message(name: str) -> str | None:
+    """For a name meant as a local folder that does not exist (its parent folder does, or it is written as a
+    path): the closest existing folders. None when it reads as a Hub repo id."""
+    import difflib
+
+    path = Path(os.path.expanduser(name.rstrip("/")))
+    parent = path.parent
+    if not (_looks_like_path(name) or (str(parent) not in ("", ".") and parent.is_dir())):
+        return None
+    if not parent.is_dir():
+        return f"no folder '{name}' (nor its parent folder '{parent}')"
+    siblings = sorted(str(p) for p in parent.iterdir() if p.is_dir())
+    close = difflib.get_close_matches(str(path), siblings, n=3, cutoff=0.5)
+    where = f"did you mean {' or '.join(close)}?" if close else f"'{parent}' holds {', '.join(siblings[:8]) or 'no folders'}"
+    return f"no folder '{name}' ({where})"
 
 
 def _not_found_message(name: str) -> str:
@@ -525,8 +556,25 @@ def _load_timm(name: str, num_labels: int | None, pretrained: bool, cache_dir=No
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as err:  # timm raises many kinds; make the offline case readable
         if _is_offline_error(err):
+            if pretrained and not name.startswith(("hf-hub:", "local-dir:")):
+                raise ModelLoadError(_timm_weights_offline_message(name)) from err
             raise ModelLoadError(_offline_message(name.split(":", 1)[-1], None)) from err
         raise
+
+
+def _timm_weights_offline_message(name: str) -> str:
+    """An architecture name whose pretrained weights are not cached: they live in the ``timm/NAME.TAG`` repo."""
+    import timm
+    from huggingface_hub import constants
+
+    try:
+        repo = timm.models.get_pretrained_cfg(name).hf_hub_id or f"timm/{name}"
+    except Exception:
+        repo = f"timm/{name}"
+    why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+    return (f"cannot load the pretrained weights of timm's '{name}': {why} and they are not in the local cache "
+            f"({constants.HF_HUB_CACHE}). Train from random weights with pretrained=False, or download them once "
+            f"with network access (`hf download {repo}`; timm's weights live in timm/NAME.TAG repositories).")
 
 
 def _load_transformers(name, num_labels, revision, cache_dir, token, pretrained=True, **kwargs) -> nn.Module:
@@ -540,6 +588,8 @@ def _load_transformers(name, num_labels, revision, cache_dir, token, pretrained=
         f.endswith((".safetensors", ".bin")) for f in os.listdir(name)
     )
     hub_kw = {"revision": revision, "cache_dir": cache_dir, "token": token}
+    if num_labels is None and local:
+        _refuse_backbone_as_classifier(name)
     try:
         if has_weights and pretrained:
             extra = {}
@@ -563,6 +613,17 @@ def _load_transformers(name, num_labels, revision, cache_dir, token, pretrained=
     return _with_processor(model, AutoImageProcessor, name, hub_kw)
 
 
+def _refuse_backbone_as_classifier(folder: str) -> None:
+    """A saved base model (``Dinov2Model``, ``CLIPModel``, ...) has no classifier to take logits from: loading it
+    as one would invent an untrained 2-class head."""
+    archs = (_read_json(Path(folder) / "config.json") or {}).get("architectures") or []
+    if archs and not any("For" in a and "Classification" in a for a in archs):
+        raise ModelLoadError(
+            f"'{folder}' is a {archs[0]} backbone without a classification head, so it has no logits to distill: "
+            "use it as a feature-distillation teacher (distill_method='feature'), or give a *ForImageClassification "
+            "checkpoint")
+
+
 def _with_processor(model: nn.Module, processor_class, name: str, hub_kw: dict) -> nn.Module:
     """The model with its saved image processor attached (its input spec), when there is one."""
     try:
@@ -580,7 +641,7 @@ def _load_transformers_backbone(name, revision, cache_dir, token, pretrained, au
     has_weights = not local or any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name))
     try:
         if has_weights and pretrained:
-            model = auto_model.from_pretrained(name, **hub_kw, **kwargs)
+            model = _backbone_from_pretrained(auto_model, name, **hub_kw, **kwargs)
         else:
             model = auto_model.from_config(auto_config.from_pretrained(name, **hub_kw), **kwargs)
             model.hf_distill_init = "random initialisation"
@@ -589,6 +650,33 @@ def _load_transformers_backbone(name, revision, cache_dir, token, pretrained, au
             raise ModelLoadError(_offline_message(name, revision)) from err
         raise
     return _with_processor(model, auto_processor, name, hub_kw)
+
+
+def _backbone_from_pretrained(auto_model, name: str, **kwargs) -> nn.Module:
+    """``AutoModel.from_pretrained`` with transformers' LOAD REPORT table (a classifier checkpoint read as its
+    backbone lists every unused head key) said in one line: unused checkpoint weights are expected there;
+    weights the checkpoint lacks are worth a warning."""
+    from transformers.utils import logging as hf_logging
+
+    def keep_out(record):
+        return "LOAD REPORT" not in str(record.msg)
+
+    target = hf_logging.get_logger("transformers.modeling_utils")
+    target.addFilter(keep_out)
+    try:
+        model, info = auto_model.from_pretrained(name, output_loading_info=True, **kwargs)
+    finally:
+        target.removeFilter(keep_out)
+    unused, missing = sorted(info.get("unexpected_keys") or []), sorted(info.get("missing_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if unused:
+        logger.info("'%s' read as its backbone (%s): %d checkpoint weights unused (%s)", name, type(model).__name__,
+                    len(unused), ", ".join(unused[:3]) + (", ..." if len(unused) > 3 else ""))
+    if missing or mismatched:
+        logger.warning("'%s' read as its backbone (%s): %d weights not in the checkpoint and %d of another shape start "
+                       "from random initialisation (%s)", name, type(model).__name__, len(missing), len(mismatched),
+                       ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else ""))
+    return model
 
 
 def _is_offline_error(err: BaseException) -> bool:

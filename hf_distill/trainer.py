@@ -251,6 +251,12 @@ class DistillationTrainer(Trainer):
             raise ValueError("batch_eval_metrics needs a compute_metrics that accepts compute_result; the default "
                              "accuracy metric scores the whole evaluation set at once")
 
+        from .teacher_cache import TeacherCacheDataset
+
+        if not args.teacher_cache_dir and isinstance(train_dataset, TeacherCacheDataset):
+            # train_dataset=with_teacher_cache(...) names its cache: where the teacher's outputs come from is
+            # decided here, once, and the cache is checked like a named one (a live teacher must be the cache's)
+            args.teacher_cache_dir = str(train_dataset.cache.cache_dir)
         self.method = get_method(args.distill_method)(args)
         teachers = self._resolve_teachers(teacher_model, args)
         if self.method.needs_teacher and not teachers and not args.teacher_cache_dir:
@@ -490,14 +496,7 @@ class DistillationTrainer(Trainer):
         """The teacher-output cache named by ``teacher_cache_dir``, checked now rather than at the first step."""
         from .teacher_cache import TeacherCacheDataset, load_teacher_cache
 
-        if not args.teacher_cache_dir:
-            # where the teacher's outputs come from is decided here, once: a dataset that carries cached outputs
-            # must be named as the cache, so that it is checked (and the teacher is not silently replaced)
-            if isinstance(train_dataset, TeacherCacheDataset):
-                raise ValueError(f"train_dataset reads the teacher cache in '{train_dataset.cache.cache_dir}': set "
-                                 f"teacher_cache_dir='{train_dataset.cache.cache_dir}' (CLI: --teacher_cache_dir) "
-                                 "so that it is checked and used, or pass the raw dataset to train with a live "
-                                 "teacher")
+        if not args.teacher_cache_dir:  # (a train_dataset that reads a cache has named it in __init__)
             return None
 
         if self.method.teacher_layers():

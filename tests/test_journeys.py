@@ -1,8 +1,7 @@
 """Journeys: the `hf-distill` command as a user types it, in a subprocess, on local data.
 
-The README's demo, every `examples/*.yaml` config, every `hf-distill` command and the Python
-snippet of the README, a real `imagefolder` tree with a corrupt file, a resumed run, a push to a
-local Hub, and bad input - each checked for what a user sees (exit code, one-line errors, no
+The README's demo, every `examples/*.yaml` config (the README's own blocks: tests/test_readme.py), a real
+`imagefolder` tree with a corrupt file, a resumed run and bad input - each checked for what a user sees (exit code, one-line errors, no
 progress-bar noise in logs) and what ends up on disk (a trained, reloadable student with its card;
 nothing lost on failure). Runs shortened with flags (`--max_steps`, `--max_*_samples`), as a user
 would for a smoke test; everything else is the command as written.
@@ -107,64 +106,6 @@ def test_every_example_config_trains(ws, config):
     else:
         assert_trained(ws / out, 3, terms, proc.stdout)
     assert "epoch" in proc.stdout or "step" in proc.stdout
-
-
-def _readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split("  #")[0].strip()
-            if line.startswith("hf-distill") and not line.startswith("hf-distill demo"):
-                commands.append(line)
-    return commands
-
-
-def test_readme_commands_run_in_order(ws):
-    """Every `hf-distill` line of the README, in order, shortened (the demo ran in the fixture)."""
-    from hub_server import LocalHub
-
-    commands = _readme_commands()
-    assert len(commands) >= 6 and any("cache-teacher" in c for c in commands)
-    token = "hf_" + "Rm4" * 12
-    with LocalHub() as hub:
-        for line in commands:
-            args = line.split()[1:]
-            env = None
-            if args[0] == "cache-teacher":
-                args += ["--max_train_samples", "128"]
-            elif args[0] == "search":
-                args += SHORT_TRAIN + ["--n_trials", "2"]
-            elif args[0] != "layers":
-                args += SHORT_TRAIN
-            if "--push_to_hub" in args:
-                env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint,
-                       "HF_TOKEN": token}
-            proc = ok(run(args, ws, env=env))
-            if "--push_to_hub" in args:
-                repo = args[args.index("--hub_model_id") + 1]
-                files = hub.repos[repo]
-                assert {"model.safetensors", "config.json", "README.md"} <= set(files)
-                assert all(token.encode() not in data for data in files.values())
-            if args[0] == "layers":
-                assert "layer4" in proc.stdout
-            if args[0] == "search":  # two trials with their values, the best, and a config to train it
-                assert re.search(r"^trial 1: objective [\d.]+  temperature=", proc.stdout, re.M)
-                assert "best: objective" in proc.stdout and (ws / "outputs" / "kd_search" / "best.yaml").exists()
-    assert (ws / "outputs" / "kd_cached" / "model.safetensors").exists()
-    assert (ws / "outputs" / "kd_search" / "best" / "model.safetensors").exists()  # best.yaml trained
-
-
-def test_readme_python_snippet_runs(ws):
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert blocks
-    code = "\n".join(blocks).replace("num_train_epochs=10", "max_steps=3")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ws, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "'eval_accuracy'" in proc.stdout and "'eval_teacher_accuracy'" in proc.stdout
-    assert {"model.safetensors", "config.json", "README.md"} <= set(os.listdir(ws / "outputs" / "readme_kd"))
 
 
 @pytest.fixture(scope="module")

@@ -126,23 +126,21 @@ def test_mixing_with_persistent_workers_is_refused_in_one_line(digits, make_args
 
 
 # --- 10: a dataset carrying cached teacher outputs must be named as the cache ---------------------------------
-def test_a_cache_backed_dataset_without_teacher_cache_dir_is_refused(digits, make_args, tmp_path):
-    from hf_distill.teacher_cache import build_teacher_cache, with_teacher_cache
+def test_a_cache_backed_dataset_without_teacher_cache_dir_is_checked_as_the_cache(digits, make_args, tmp_path):
+    from hf_distill.teacher_cache import TeacherCacheError, build_teacher_cache, with_teacher_cache
 
     spec = tiny_spec()
     raw = digits["train"].select(range(16))
     build_teacher_cache(tiny_timm(seed=2, spec=spec), raw, spec, tmp_path / "c", batch_size=16)
     train = with_teacher_cache(raw, tmp_path / "c", spec)
-    with pytest.raises(ValueError, match="set teacher_cache_dir=") as err:
-        DistillationTrainer(model=tiny_timm(spec=spec), teacher_model=tiny_timm(seed=5, spec=spec),
-                            train_dataset=train, args=make_args())
-    assert "\n" not in str(err.value)
-    # named, it is used and checked: the other teacher (seed 5) is not the cache's
-    from hf_distill.teacher_cache import TeacherCacheError
-
-    with pytest.raises(TeacherCacheError, match="fingerprint of the teacher weights"):
-        DistillationTrainer(model=tiny_timm(spec=spec), teacher_model=tiny_timm(seed=5, spec=spec),
-                            train_dataset=train, args=make_args(teacher_cache_dir=str(tmp_path / "c")))
+    # the dataset names its cache: it is checked, so another teacher (seed 5) is refused, not silently replaced
+    for extra in ({}, {"teacher_cache_dir": str(tmp_path / "c")}):
+        with pytest.raises(TeacherCacheError, match="fingerprint of the teacher weights"):
+            DistillationTrainer(model=tiny_timm(spec=spec), teacher_model=tiny_timm(seed=5, spec=spec),
+                                train_dataset=train, args=make_args(**extra))
+    # without a teacher the cache is the teacher (the README's recipe)
+    trainer = DistillationTrainer(model=tiny_timm(spec=spec), train_dataset=train, args=make_args())
+    assert trainer.teacher_cache is not None and trainer.args.teacher_cache_dir == str(tmp_path / "c")
 
 
 # --- 11: a search trial that turns mixing on reads the data as __init__ would --------------------------------

@@ -66,6 +66,7 @@ class DistillationMethod:
 
     name: ClassVar[str]
     arguments: ClassVar[type | None] = None
+    also_uses: ClassVar[tuple[str, ...]] = ()  # arguments of another method's dataclass this one reads too
     needs_teacher: ClassVar[bool] = True
     uses_teacher: ClassVar[bool] = True  # run a teacher when one is given (BYOT: optional)
     default_temperature: ClassVar[float] = 4.0

@@ -63,6 +63,7 @@ class BYOTArguments:
 class BeYourOwnTeacher(DistillationMethod):
     name = "byot"
     arguments = BYOTArguments
+    also_uses = ("hint_layers", "hint_weight")  # FitNets hints from an external teacher
     needs_teacher = False
     default_temperature = 3.0
     search_space = {"temperature": {"low": 1.0, "high": 6.0}, "byot_alpha": {"low": 0.1, "high": 0.9},
