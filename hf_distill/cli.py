@@ -247,20 +247,19 @@ def dataset_classes(train, label_column: str) -> tuple[int, list[str] | None]:
 def load_student(model_args, train, label_column: str, backbone: bool = False):
     """The student named in the arguments, with the dataset's classes (or, for feature distillation, as a
     backbone: no classes, no labels needed) and the requested input size."""
-    from .models import input_spec, load_model, set_input_spec
+    from .models import load_model
 
     if not model_args.student_model_name_or_path:
         raise UsageError("--student_model_name_or_path is required")
     num_labels, names = (None, None) if backbone else dataset_classes(train, label_column)
     student_kw = {"in_chans": model_args.in_chans} if model_args.in_chans else {}
+    # image_size builds fixed-size timm students for that size (img_size) and refuses, in one line, a student
+    # that cannot take it
     student = load_model(
         model_args.student_model_name_or_path, num_labels=num_labels, pretrained=model_args.student_pretrained,
         revision=model_args.student_revision, cache_dir=model_args.cache_dir, label_names=names, backbone=backbone,
-        **student_kw,
+        image_size=model_args.image_size or None, **student_kw,
     )
-    if model_args.image_size:
-        size = (model_args.image_size, model_args.image_size)
-        set_input_spec(student, dataclasses.replace(input_spec(student), image_size=size))
     return student
 
 

@@ -111,6 +111,12 @@ def _transformers_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Ten
         tower = model.base_model
     if not is_transformers_model(tower) and hasattr(tower, "forward_features"):
         return _timm_features(tower, x)  # TimmWrapperModel: a timm model inside
+    from .models import image_input_name, image_inputs
+
+    if image_input_name(tower) != "pixel_values":
+        raise FeatureExtractionError(f"{type(tower).__name__} does not take pixel_values (its forward takes "
+                                     f"{image_input_name(tower) or 'token ids'}): its features cannot be read; choose "
+                                     "an image backbone")
     kw = {}
     params = inspect.signature(tower.forward).parameters
     if "interpolate_pos_encoding" in params:
@@ -120,12 +126,13 @@ def _transformers_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Ten
     reshaped = getattr(tower, "hf_distill_reshaped_maps", None)
     if reshaped:
         kw["output_hidden_states"] = True
-    out = tower(pixel_values=x, **kw)
+    inputs = image_inputs(tower, x)  # pixel_values, or SigLIP 2's patches with their grid and mask
+    out = tower(**inputs, **kw)
     if reshaped is None:
         reshaped = "reshaped_hidden_states" in _output_fields(out)
         tower.hf_distill_reshaped_maps = reshaped
         if reshaped:
-            out = tower(pixel_values=x, **kw, output_hidden_states=True)
+            out = tower(**inputs, **kw, output_hidden_states=True)
     tokens = getattr(out, "last_hidden_state", None)
     if tokens is None and getattr(out, "feature_maps", None):  # a BackboneOutput (HGNetV2): its last stage's map
         tokens = out.feature_maps[-1]
@@ -424,6 +431,8 @@ def export_backbone(model: nn.Module):
     import copy
 
     if is_transformers_model(model):
+        if getattr(model, "visual_projection", None) is not None:
+            return model  # CLIP / MetaCLIP 2 with projection: the summary goes through it, the tower alone lacks it
         return vision_backbone(model)
     if is_timm_model(model) and getattr(model, "num_classes", 0):
         backbone = copy.deepcopy(model)
