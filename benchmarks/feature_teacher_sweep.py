@@ -141,7 +141,7 @@ def transformers_folder(model_type: str, cls_name: str, root: str) -> str:
 # ------------------------------------------------------------------------------------------------ cells
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # not an Exception: the probes of the library must not swallow it
     pass
 
 
@@ -253,7 +253,7 @@ def run_cell(cell: str, name: str, size: int, timeout: int) -> dict:
             warnings.simplefilter("ignore")
             detail = fn(name, size, out)
         status, why = "pass", detail
-    except Exception as err:  # noqa: BLE001 - the sweep records every failure
+    except (Exception, _Timeout) as err:  # noqa: BLE001 - the sweep records every failure
         from hf_distill.models import ModelLoadError
 
         message = f"{type(err).__name__}: {err}".replace("\n", " ")

@@ -169,9 +169,9 @@ def _timm_plan(model: nn.Module, x: torch.Tensor):
     """How to read a timm model's spatial map at ``x``'s size, decided once per size from one dry forward of one
     image, then cached: ``("map",)``: forward_features gives a map; ``("tokens", prefix, grid)``: its tokens, the
     first ``prefix`` dropped, lie on ``grid`` in raster order (checked against timm's own ``forward_intermediates``
-    map); ``("intermediates", same_final)``: the map is the last ``forward_intermediates`` output (pooled tokens as
-    in PiT, unrolled ones as in Hiera, several branches as in CrossViT), and its final output is forward_features'
-    when ``same_final``."""
+    map); ``("intermediates", same_final, keywords)``: the map is the last ``forward_intermediates`` output
+    (pooled tokens as in PiT, unrolled ones as in Hiera, several branches as in CrossViT), and its final output is
+    forward_features' when ``same_final``."""
     from .taps import _DryRun, num_prefix_tokens
 
     plans = getattr(model, "hf_distill_feature_plans", None)
@@ -186,7 +186,7 @@ def _timm_plan(model: nn.Module, x: torch.Tensor):
         if isinstance(f, torch.Tensor) and f.ndim == 4:
             plans[key] = ("map",)
             return plans[key]
-        final, last = _timm_intermediates(model, one)
+        final, last, norm_kw = _timm_intermediates(model, one)
     if last is None:
         plan = None
         if isinstance(f, torch.Tensor) and f.ndim == 3:  # no forward_intermediates: the patch embedding's grid
@@ -205,7 +205,7 @@ def _timm_plan(model: nn.Module, x: torch.Tensor):
         return plan
     same_final = isinstance(final, torch.Tensor) and isinstance(f, torch.Tensor) and final.shape == f.shape \
         and torch.allclose(final, f, atol=1e-5, rtol=1e-4)
-    plan = ("intermediates", same_final)
+    plan = ("intermediates", same_final, norm_kw)
     if isinstance(f, torch.Tensor) and f.ndim == 3 and f.shape[-1] == last.shape[1]:
         h, w = (int(s) for s in last.shape[-2:])
         for prefix in dict.fromkeys((num_prefix_tokens(model), f.shape[1] - h * w)):  # declared, else the rest
@@ -217,24 +217,24 @@ def _timm_plan(model: nn.Module, x: torch.Tensor):
     return plan
 
 
-def _timm_intermediates(model: nn.Module, x: torch.Tensor):
-    """``(final output, last stage's NCHW map)`` from timm's ``forward_intermediates`` (normed like the final
-    output where the model can), or ``(None, None)`` without it."""
+def _timm_intermediates(model: nn.Module, x: torch.Tensor, kws=({"norm": True}, {})):
+    """``(final output, last stage's NCHW map, the keywords that worked)`` from timm's ``forward_intermediates``
+    (normed like the final output where the model can: Hiera cannot), or ``(None, None, None)`` without it."""
     fn = getattr(model, "forward_intermediates", None)
     if fn is None:
-        return None, None
-    for kw in ({"norm": True}, {}):
+        return None, None, None
+    for kw in kws:
         try:
             final, inter = fn(x, indices=1, output_fmt="NCHW", **kw)
             break
         except (AssertionError, TypeError, ValueError, NotImplementedError):
             continue
     else:
-        return None, None
+        return None, None, None
     last = inter[-1] if isinstance(inter, (list, tuple)) and inter else None
     if not isinstance(last, torch.Tensor) or last.ndim != 4:
-        return None, None
-    return final, last
+        return None, None, None
+    return final, last, kw
 
 
 def _timm_summary(model: nn.Module, features) -> torch.Tensor:
@@ -247,7 +247,7 @@ def _timm_summary(model: nn.Module, features) -> torch.Tensor:
 def _timm_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     plan = _timm_plan(model, x)
     if plan[0] == "intermediates":
-        final, last = _timm_intermediates(model, x)
+        final, last, _ = _timm_intermediates(model, x, (plan[2],))
         features = final if plan[1] else model.forward_features(x)  # a second forward only where they differ
         return _timm_summary(model, features), last
     tokens = model.forward_features(x)
