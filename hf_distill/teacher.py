@@ -14,12 +14,12 @@ from .models import (
     InputSpec,
     call_model,
     check_image_model,
-    takes_input_size,
     declares_input_spec,
     input_spec,
     label_names_of,
     model_name,
     num_classes_of,
+    takes_input_size,
 )
 
 
