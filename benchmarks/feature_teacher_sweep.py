@@ -331,8 +331,36 @@ def summarize(path: str) -> None:
             print(f"  {r['status']:7s} {r['library']:12s} {r['model']:40s} {r['cell']:13s} {r['why'][:150]}")
 
 
+def _latest(paths):
+    latest = {}
+    for path in paths:
+        for line in open(path):
+            r = json.loads(line)
+            latest[(r["library"], r["model"], r["cell"])] = r
+    return latest
+
+
+def compare(before: str, after: list[str]) -> None:
+    """Pass / refused / fail counts before and after, on the rows that build (by the after run's check)."""
+    old, new = _latest([before]), _latest(after)
+    unbuildable = {(lib, model) for (lib, model, cell), r in new.items() if r["status"] == "unbuildable"}
+    print("| library | cell | before: pass / refused / fail | after: pass / refused / fail |\n|---|---|---|---|")
+    for library in ("timm", "transformers"):
+        for cell in CELLS:
+            counts = []
+            for records in (old, new):
+                rs = [r for (lib, model, c), r in records.items()
+                      if lib == library and c == cell and (lib, model) not in unbuildable]
+                counts.append(" / ".join(str(sum(r["status"] == s for r in rs)) for s in ("pass", "refused", "fail"))
+                              + f" of {len(rs)}")
+            print(f"| {library} | {cell} | {counts[0]} | {counts[1]} |")
+    print(f"unbuildable (left out): {sorted(m for _, m in unbuildable)}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--summary":
         summarize(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--compare":  # --compare BEFORE AFTER [AFTER ...]
+        compare(sys.argv[2], sys.argv[3:])
     else:
         sys.exit(main())
