@@ -681,12 +681,15 @@ def _set_input_size(model: nn.Module, name: str, size: int, backbone: bool) -> N
         raise err
     if err is not None:
         own = tuple(spec.image_size)
-        if own != (size, size) and not takes_input_size(model, own, backbone):  # not about the size at all
+        own_err = _input_size_error(model, own, backbone) if own != (size, size) else None
+        if own_err is not None:  # not about the size at all
             raise InputSizeError(f"{short_name(name)} does not run on images of its own size {own[0]}x{own[1]} "
-                                 f"either ({_first_line(err)})")
+                                 f"either ({_first_line(own_err)})")
         if own == (size, size):  # built for that size (timm img_size) and still failing on it
+            default = _pair((getattr(model, "pretrained_cfg", None) or {}).get("input_size", own))
+            hint = f"pass image_size={default[0]} (its default size)" if default != own else "pass a larger image_size"
             raise InputSizeError(f"image_size={size}: {short_name(name)} built for {size}x{size} inputs fails on "
-                                 f"them ({_first_line(err)}); pass a larger image_size")
+                                 f"them ({_first_line(err)}); {hint}")
         larger = next((s for s in _PROBE_SIZES if size < s and takes_input_size(model, (s, s), backbone)), None)
         if spec.fixed_size or larger is None:
             raise InputSizeError(f"image_size={size}: {short_name(name)} takes {own[0]}x{own[1]} inputs only; pass "
