@@ -125,7 +125,7 @@ def transformers_folder(model_type: str, cls_name: str, root: str) -> str:
     config = AutoConfig.for_model(model_type)
     _shrink(config)
     if getattr(config, "out_features", None) is not None:  # backbone stages of the full depth: recomputed
-        fields = {k: v for k, v in config.to_dict().items() if k not in ("stage_names", "out_features", "out_indices")}
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("stage_names", "out_features", "out_indices", "model_type")}
         config = AutoConfig.for_model(model_type, **fields)
     config.architectures = [cls_name]
     folder = os.path.join(root, cls_name)
