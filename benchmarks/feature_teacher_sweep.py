@@ -335,11 +335,17 @@ def summarize(path: str) -> None:
 
 
 def _latest(paths):
-    latest = {}
+    latest, order = {}, 0
     for path in paths:
         for line in open(path):
             r = json.loads(line)
-            latest[(r["library"], r["model"], r["cell"])] = r
+            order += 1
+            latest[(r["library"], r["model"], r["cell"])] = {**r, "order": order}
+    # a row that was unbuildable and then built (a rerun) keeps only its cells
+    for (lib, model, cell), r in list(latest.items()):
+        if cell == "build" and any(k[:2] == (lib, model) and k[2] != "build" and v["order"] > r["order"]
+                                   for k, v in latest.items()):
+            del latest[(lib, model, cell)]
     return latest
 
 
