@@ -310,20 +310,24 @@ def dataset_classes(train, label_column: str) -> tuple[int, list[str] | None]:
 def load_student(model_args, train, label_column: str, backbone: bool = False):
     """The student named in the arguments, with the dataset's classes (or, for feature distillation, as a
     backbone: no classes, no labels needed) and the requested input size."""
-    from .models import input_spec, load_model, set_input_spec
+    from .models import load_model
 
     if not model_args.student_model_name_or_path:
         raise UsageError("--student_model_name_or_path is required")
     num_labels, names = (None, None) if backbone else dataset_classes(train, label_column)
     student_kw = {"in_chans": model_args.in_chans} if model_args.in_chans else {}
+    hw = model_args.image_hw
+    square = hw is not None and hw[0] == hw[1]
     with _flag_for_pretrained("--no_student_pretrained"):
+        # a square image_size builds fixed-size timm students for that size (img_size) and refuses, in one line,
+        # a student that cannot take it; a non-square one is recorded as the student's input
         student = load_model(
             model_args.student_model_name_or_path, num_labels=num_labels, pretrained=model_args.student_pretrained,
             revision=model_args.student_revision, cache_dir=model_args.cache_dir, label_names=names,
-            backbone=backbone, **student_kw,
+            backbone=backbone, image_size=hw[0] if square else None, **student_kw,
         )
-    if model_args.image_hw:
-        set_input_spec(student, dataclasses.replace(input_spec(student), image_size=model_args.image_hw))
+    if hw is not None and not square:
+        set_input_spec(student, dataclasses.replace(input_spec(student), image_size=hw))
     return student
 
 

@@ -42,8 +42,9 @@ class FeatureExtractionError(ValueError):
 def set_feature_layer(model: nn.Module, layer: str, num_prefix_tokens: int = 0) -> None:
     """Declare which submodule's output is the model's feature (for models of neither library).
 
-    A 3-D output is read as tokens (the first ``num_prefix_tokens`` dropped, the rest laid on a square
-    grid), a 4-D output as an NCHW map; the summary is the average over positions.
+    A 3-D output is read as tokens (the first ``num_prefix_tokens`` dropped, the rest laid in raster order on the
+    grid of the input: the one stride that gives that many positions at the image's aspect ratio), a 4-D output as
+    an NCHW map; the summary is the average over positions.
     """
     from .taps import resolve_module
 
@@ -61,19 +62,6 @@ def vision_backbone(model: nn.Module) -> nn.Module:
     return model.base_model
 
 
-def _hf_prefix(config) -> int:
-    if str(config.model_type).startswith("siglip"):
-        return 0  # SigLIP has no class token: every token is a patch
-    return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
-
-
-def _hf_patch(config) -> int:
-    patch = getattr(config, "patch_size", None)
-    if patch is None:
-        raise FeatureExtractionError(f"{type(config).__name__} has no patch_size: declare a feature layer")
-    return patch if isinstance(patch, int) else int(patch[0])
-
-
 def _to_grid(tokens: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
     patches = tokens[:, prefix:]
     h, w = int(grid[0]), int(grid[1])
@@ -83,7 +71,36 @@ def _to_grid(tokens: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.
     return patches.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
 
 
+def token_grid(n: int, image_size: Sequence[int], patch=None) -> tuple[int, int]:
+    """The ``(h, w)`` grid of ``n`` patch tokens of an ``image_size`` input: ``image // patch`` when the model
+    declares a patch size that fits, else the one stride that gives ``n`` positions at the image's aspect ratio
+    (hierarchical and pooled models, any input size, non-square too)."""
+    from .taps import _grid
+
+    if patch is not None:
+        p = _pair(patch)
+        grid = (int(image_size[-2]) // p[0], int(image_size[-1]) // p[1])
+        if grid[0] * grid[1] == n:
+            return grid
+    try:
+        return _grid(n, None, 0, image_size=tuple(image_size[-2:]))
+    except ValueError as err:
+        raise FeatureExtractionError(str(err)) from None
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[-1]))
+
+
+def _output_fields(out) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set(out.keys())
+
+
 def _transformers_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from .taps import num_prefix_tokens
+
     projection = None
     if type(model).__name__.endswith("WithProjection"):
         tower = model  # CLIPVisionModelWithProjection: its output carries image_embeds
@@ -92,11 +109,36 @@ def _transformers_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Ten
         tower = model.vision_model
     else:
         tower = model.base_model
+    if not is_transformers_model(tower) and hasattr(tower, "forward_features"):
+        return _timm_features(tower, x)  # TimmWrapperModel: a timm model inside
+    from .models import image_input_name, image_inputs
+
+    if image_input_name(tower) != "pixel_values":
+        raise FeatureExtractionError(f"{type(tower).__name__} does not take pixel_values (its forward takes "
+                                     f"{image_input_name(tower) or 'token ids'}): its features cannot be read; choose "
+                                     "an image backbone")
     kw = {}
-    if "interpolate_pos_encoding" in inspect.signature(tower.forward).parameters:
+    params = inspect.signature(tower.forward).parameters
+    if "interpolate_pos_encoding" in params:
         kw["interpolate_pos_encoding"] = True  # CLIP / SigLIP / ViT at another size than their config's
-    out = tower(pixel_values=x, **kw)
-    tokens = out.last_hidden_state
+    # hierarchical models (Swin, Hiera, FocalNet, ...) publish their maps as reshaped_hidden_states, asked for once
+    # the output is known to have them (Hiera's last tokens are not in raster order; its reshaped maps are)
+    reshaped = getattr(tower, "hf_distill_reshaped_maps", None)
+    if reshaped:
+        kw["output_hidden_states"] = True
+    inputs = image_inputs(tower, x)  # pixel_values, or SigLIP 2's patches with their grid and mask
+    out = tower(**inputs, **kw)
+    if reshaped is None:
+        reshaped = "reshaped_hidden_states" in _output_fields(out)
+        tower.hf_distill_reshaped_maps = reshaped
+        if reshaped:
+            out = tower(**inputs, **kw, output_hidden_states=True)
+    tokens = getattr(out, "last_hidden_state", None)
+    if tokens is None and getattr(out, "feature_maps", None):  # a BackboneOutput (HGNetV2): its last stage's map
+        tokens = out.feature_maps[-1]
+    if tokens is None:
+        raise FeatureExtractionError(f"{type(tower).__name__} gives neither last_hidden_state nor feature_maps: "
+                                     "declare a feature layer with hf_distill.features.set_feature_layer")
     config = tower.config
     if tokens.ndim == 4:  # a CNN backbone (ResNet, ConvNeXt): [B, C, h, w]
         pooled = getattr(out, "pooler_output", None)
@@ -107,35 +149,114 @@ def _transformers_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Ten
         norm = getattr(tower, "post_layernorm", None) or getattr(getattr(tower, "vision_model", None),
                                                                  "post_layernorm", None)
         tokens = norm(tokens) if norm is not None else tokens
-    prefix = _hf_prefix(config)
+    prefix = num_prefix_tokens(tower)  # counted from the model: DeiT's class + distillation tokens, registers
     summary = getattr(out, "image_embeds", None)
     if summary is None:
         pooled = getattr(out, "pooler_output", None)
-        if str(config.model_type) in ("vit", "deit") or pooled is None:
+        if str(config.model_type) in ("vit", "deit") or pooled is None or pooled.ndim != 2:
             # ViT's optional pooler is a tanh layer trained for nothing here: the normed class token is the summary
             pooled = tokens[:, 0] if prefix else tokens.mean(1)
         summary = projection(pooled) if projection is not None else pooled
-    patch = _hf_patch(config)
-    return summary, _to_grid(tokens, prefix, (x.shape[-2] // patch, x.shape[-1] // patch))
+    maps = getattr(out, "reshaped_hidden_states", None) if reshaped else None
+    if maps:  # NCHW (Swin, FocalNet) or channels-last (Hiera): the channels are the tokens' width
+        last = maps[-1]
+        return summary, (last.permute(0, 3, 1, 2) if last.shape[1] != tokens.shape[-1] else last)
+    grid = token_grid(tokens.shape[1] - prefix, x.shape[-2:], getattr(config, "patch_size", None))
+    return summary, _to_grid(tokens, prefix, grid)
+
+
+def _timm_plan(model: nn.Module, x: torch.Tensor):
+    """How to read a timm model's spatial map at ``x``'s size, decided once per size from one dry forward of one
+    image, then cached: ``("map",)``: forward_features gives a map; ``("tokens", prefix, grid)``: its tokens, the
+    first ``prefix`` dropped, lie on ``grid`` in raster order (checked against timm's own ``forward_intermediates``
+    map); ``("intermediates", same_final, keywords)``: the map is the last ``forward_intermediates`` output
+    (pooled tokens as in PiT, unrolled ones as in Hiera, several branches as in CrossViT), and its final output is
+    forward_features' when ``same_final``."""
+    from .taps import _DryRun, num_prefix_tokens
+
+    plans = getattr(model, "hf_distill_feature_plans", None)
+    if plans is None:
+        plans = model.hf_distill_feature_plans = {}
+    key = tuple(int(s) for s in x.shape[-2:])
+    if key in plans:
+        return plans[key]
+    with _DryRun(model):
+        one = x[:1]
+        f = model.forward_features(one)
+        if isinstance(f, torch.Tensor) and f.ndim == 4:
+            plans[key] = ("map",)
+            return plans[key]
+        final, last, norm_kw = _timm_intermediates(model, one)
+    if last is None:
+        plan = None
+        if isinstance(f, torch.Tensor) and f.ndim == 3:  # no forward_intermediates: the patch embedding's grid
+            patch_embed = getattr(model, "patch_embed", None)
+            grid = getattr(patch_embed, "grid_size", None)
+            if getattr(model, "dynamic_img_size", False):
+                grid = patch_embed.dynamic_feat_size(key)
+            prefix = num_prefix_tokens(model)
+            if grid is not None and f.shape[1] - prefix == grid[0] * grid[1]:
+                plan = ("tokens", prefix, tuple(grid))
+        if plan is None:
+            raise FeatureExtractionError(f"cannot find the token grid of {type(model).__name__} (it has no "
+                                         "forward_intermediates): declare a feature layer with "
+                                         "hf_distill.features.set_feature_layer")
+        plans[key] = plan
+        return plan
+    same_final = isinstance(final, torch.Tensor) and isinstance(f, torch.Tensor) and final.shape == f.shape \
+        and torch.allclose(final, f, atol=1e-5, rtol=1e-4)
+    plan = ("intermediates", same_final, norm_kw)
+    if isinstance(f, torch.Tensor) and f.ndim == 3 and f.shape[-1] == last.shape[1]:
+        h, w = (int(s) for s in last.shape[-2:])
+        for prefix in dict.fromkeys((num_prefix_tokens(model), f.shape[1] - h * w)):  # declared, else the rest
+            if 0 <= prefix and f.shape[1] - prefix == h * w and torch.allclose(
+                    _to_grid(f, prefix, (h, w)), last, atol=1e-5, rtol=1e-4):
+                plan = ("tokens", prefix, (h, w))
+                break
+    plans[key] = plan
+    return plan
+
+
+def _timm_intermediates(model: nn.Module, x: torch.Tensor, kws=({"norm": True}, {})):
+    """``(final output, last stage's NCHW map, the keywords that worked)`` from timm's ``forward_intermediates``
+    (normed like the final output where the model can: Hiera cannot), or ``(None, None, None)`` without it."""
+    fn = getattr(model, "forward_intermediates", None)
+    if fn is None:
+        return None, None, None
+    for kw in kws:
+        try:
+            final, inter = fn(x, indices=1, output_fmt="NCHW", **kw)
+            break
+        except (AssertionError, TypeError, ValueError, NotImplementedError):
+            continue
+    else:
+        return None, None, None
+    last = inter[-1] if isinstance(inter, (list, tuple)) and inter else None
+    if not isinstance(last, torch.Tensor) or last.ndim != 4:
+        return None, None, None
+    return final, last, kw
+
+
+def _timm_summary(model: nn.Module, features) -> torch.Tensor:
+    summary = model.forward_head(features, pre_logits=True)
+    if isinstance(summary, tuple):  # a distilled ViT in distilled training
+        summary = (summary[0] + summary[1]) / 2
+    return summary
 
 
 def _timm_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    plan = _timm_plan(model, x)
+    if plan[0] == "intermediates":
+        final, last, _ = _timm_intermediates(model, x, (plan[2],))
+        features = final if plan[1] else model.forward_features(x)  # a second forward only where they differ
+        return _timm_summary(model, features), last
     tokens = model.forward_features(x)
-    summary = model.forward_head(tokens, pre_logits=True)
-    if isinstance(summary, tuple):  # a distilled ViT in distilled training
-        summary = (summary[0] + summary[1]) / 2
-    if tokens.ndim == 4:
+    summary = _timm_summary(model, tokens)
+    if plan[0] == "map":
         fmt = getattr(model, "output_fmt", "NCHW")
         fmt = getattr(fmt, "value", fmt)
         return summary, (tokens.permute(0, 3, 1, 2) if str(fmt).upper() == "NHWC" else tokens)
-    patch_embed = getattr(model, "patch_embed", None)
-    if getattr(model, "dynamic_img_size", False):
-        grid = patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-    elif patch_embed is not None and getattr(patch_embed, "grid_size", None) is not None:
-        grid = patch_embed.grid_size
-    else:
-        raise FeatureExtractionError(f"cannot find the token grid of {type(model).__name__}: declare a feature layer")
-    return summary, _to_grid(tokens, int(getattr(model, "num_prefix_tokens", 0)), grid)
+    return summary, _to_grid(tokens, plan[1], plan[2])
 
 
 def _declared_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,10 +267,8 @@ def _declared_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     if taps is None:
         taps = model.hf_distill_feature_taps = FeatureTaps(model, [layer])
     feature = taps.run_until_complete(default_call, model, x)[layer]
-    if feature.ndim == 3:
-        n = feature.shape[1] - prefix
-        side = int(round(n ** 0.5))
-        spatial = _to_grid(feature, prefix, (side, n // max(side, 1)))
+    if feature.ndim == 3:  # laid on the grid of the real input (any size, non-square too)
+        spatial = _to_grid(feature, prefix, token_grid(feature.shape[1] - prefix, x.shape[-2:]))
     elif feature.ndim == 4:
         spatial = feature
     else:
@@ -199,19 +318,35 @@ class RunningStandardizer(nn.Module):
     """Per-channel mean and std of a teacher's features, estimated on the first ``warmup`` training batches
     and then fixed; the buffers are saved in checkpoints (resumed runs keep them).
 
-    ``standardize(t)`` returns ``(t - mean) / std`` so that no teacher dominates the summed losses."""
+    ``standardize(t)`` returns ``(t - mean) / std`` so that no teacher dominates the summed losses. The estimate
+    is Chan et al.'s pairwise update of the mean and the sum of squared deviations, in float64: features with a
+    large mean keep their variance (``E[x^2] - E[x]^2`` in float32 loses it)."""
 
     def __init__(self, channels: int, warmup: int = 10, eps: float = 1e-6):
         super().__init__()
         self.warmup, self.eps = int(warmup), float(eps)
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
-        self.register_buffer("mean", torch.zeros(channels))
-        self.register_buffer("sq_mean", torch.ones(channels))
+        self.register_buffer("mean", torch.zeros(channels))  # float32 copies of the float64 estimates, as used
+        self.register_buffer("var", torch.ones(channels))
+        self.register_buffer("mean64", torch.zeros(channels, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(channels, dtype=torch.float64))  # sum of squared deviations
         self.register_buffer("seen", torch.zeros((), dtype=torch.float64))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints and exports written before the float64 estimates held sq_mean = E[x^2]
+        sq_mean = state_dict.pop(prefix + "sq_mean", None)
+        if sq_mean is not None and prefix + "var" not in state_dict:
+            mean = state_dict[prefix + "mean"].double()
+            var = (sq_mean.double() - mean ** 2).clamp_min(0)
+            seen = state_dict.get(prefix + "seen", torch.zeros((), dtype=torch.float64)).double()
+            state_dict[prefix + "var"] = var.float()
+            state_dict[prefix + "mean64"] = mean
+            state_dict[prefix + "m2"] = var * seen
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def std(self) -> torch.Tensor:
-        return (self.sq_mean - self.mean ** 2).clamp_min(0).sqrt() + self.eps
+        return self.var.clamp_min(0).sqrt() + self.eps
 
     @torch.no_grad()
     def update(self, t: torch.Tensor) -> None:
@@ -219,17 +354,25 @@ class RunningStandardizer(nn.Module):
         if int(self.count) >= self.warmup:
             return
         flat = (t.transpose(0, 1).reshape(t.shape[1], -1) if t.ndim == 4 else t.t()).double()
-        sums = torch.stack([flat.sum(1), (flat ** 2).sum(1)])
         n = torch.tensor(float(flat.shape[1]), dtype=torch.float64, device=flat.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        total = flat.sum(1)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
             # every process folds in the whole global batch: the statistics stay the same on all of them
-            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(total)
             torch.distributed.all_reduce(n)
-        total = self.seen + n
-        self.mean.copy_((self.mean.double() * (self.seen / total) + sums[0] / total).to(self.mean.dtype))
-        sq = self.sq_mean.double() if int(self.count) else torch.zeros_like(sums[1])
-        self.sq_mean.copy_((sq * (self.seen / total) + sums[1] / total).to(self.sq_mean.dtype))
-        self.seen.copy_(total)
+        batch_mean = total / n
+        batch_m2 = ((flat - batch_mean[:, None]) ** 2).sum(1)
+        if distributed:
+            torch.distributed.all_reduce(batch_m2)
+        seen = self.seen.to(flat.device)
+        merged = seen + n
+        delta = batch_mean - self.mean64
+        self.mean64.add_(delta * (n / merged))
+        self.m2.add_(batch_m2 + delta ** 2 * (seen * n / merged))
+        self.seen.copy_(merged)
+        self.mean.copy_(self.mean64.to(self.mean.dtype))
+        self.var.copy_((self.m2 / merged).to(self.var.dtype))
         self.count.add_(1)
 
     def standardize(self, t: torch.Tensor) -> torch.Tensor:
@@ -288,8 +431,10 @@ def export_backbone(model: nn.Module):
     import copy
 
     if is_transformers_model(model):
+        if getattr(model, "visual_projection", None) is not None:
+            return model  # CLIP / MetaCLIP 2 with projection: the summary goes through it, the tower alone lacks it
         backbone = vision_backbone(model)
-        if backbone is not model:  # a submodule (CLIP's vision tower): it is exported with the student's input
+        if backbone is not model:  # a submodule (a vision tower): it is exported with the student's input
             set_input_spec(backbone, input_spec(model))
         return backbone
     if is_timm_model(model) and getattr(model, "num_classes", 0):
@@ -332,7 +477,11 @@ def save_adaptors(extras: nn.ModuleDict, keys: Sequence[str], targets: Sequence[
 
 class FeatureStudent(nn.Module):
     """An exported feature student with its adaptors: ``model(x)`` gives, for every teacher, its features
-    as the student predicts them, in the teacher's own space (the standardisation undone)::
+    as the student predicts them, in the teacher's own space (the standardisation undone). The summary was
+    learned through a cosine, which fixes its direction only: it is given the length of an average standardised
+    teacher feature (``sqrt(D)``) before the standardisation is undone (unit length without standardisation), so
+    it does not depend on the adaptor's free scale; the spatial map keeps its learned scale (its smooth-L1 term
+    fixes it)::
 
         student = FeatureStudent.from_pretrained("OUT")    # saved with feature_export_adaptors=True
         out = student(x)                                   # {"<teacher>": {"summary": [B, D], "spatial": [B, D, h, w]}}
@@ -378,6 +527,10 @@ class FeatureStudent(nn.Module):
             for target in self.targets:
                 pred = self.adaptors[f"{key}/{target}"](features[target]).float()
                 stats = self.adaptors[f"{key}/{target}_stats"] if f"{key}/{target}_stats" in self.adaptors else None
+                if target == "summary":
+                    # the summary was learned through a cosine alone, which leaves its length free: give it the
+                    # length a standardised teacher feature has on average (sqrt of its width), or unit length
+                    pred = F.normalize(pred, dim=-1) * (pred.shape[-1] ** 0.5 if stats is not None else 1.0)
                 if stats is not None:  # back from standardised to the teacher's own space
                     shape = (1, -1, 1, 1) if pred.ndim == 4 else (1, -1)
                     pred = pred * stats.std.view(shape) + stats.mean.view(shape)

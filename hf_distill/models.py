@@ -84,24 +84,83 @@ def short_name(name: str) -> str:
 
 
 def logits_of(output: Any) -> torch.Tensor:
-    """Logits from whatever a classifier returns: a tensor, a ``ModelOutput`` or a tuple."""
+    """Logits from whatever a classifier returns: a tensor, a ``ModelOutput`` / dict (``logits``, else its one
+    2-D tensor) or a tuple (its first tensor)."""
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, "logits", None)
     if logits is None and isinstance(output, dict):
         logits = output.get("logits")
+        if logits is None:  # an output that names its class scores otherwise: its only [B, classes] tensor
+            matrices = [v for v in output.values() if isinstance(v, torch.Tensor) and v.ndim == 2]
+            logits = matrices[0] if len(matrices) == 1 else None
     if logits is None and isinstance(output, (tuple, list)) and output:
-        logits = output[0]
+        logits = next((v for v in output if isinstance(v, torch.Tensor)), None)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"cannot find logits in model output of type {type(output).__name__}")
     return logits
 
 
+def image_input_name(model: nn.Module) -> str | None:
+    """The keyword a transformers model takes images by (``pixel_values``; Perceiver: ``inputs``), or ``None``
+    when its forward takes no images (ImageGPT: colour-cluster token ids)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    for name in ("pixel_values", "inputs"):
+        if name in params:
+            return name
+    return None
+
+
+def check_image_model(model: nn.Module, role: str = "model") -> None:
+    """Refuse, in one line, a transformers model whose forward takes no images."""
+    if is_transformers_model(model) and image_input_name(model) is None:
+        import inspect
+
+        takes = ", ".join(list(inspect.signature(model.forward).parameters)[:2])
+        raise ValueError(f"the {role} ({type(model).__name__}) takes no pixel values (its forward takes {takes}): "
+                         "choose an image model")
+
+
+def _naflex_inputs(model: nn.Module, pixel_values: torch.Tensor) -> dict:
+    """Patches, their grid and a full mask for a model fed as NaFlex (SigLIP 2 takes ``[B, N, p*p*C]`` patch
+    rows, ``spatial_shapes`` and ``pixel_attention_mask``, as its image processor makes them)."""
+    config = getattr(model.config, "vision_config", model.config)
+    p = int(config.patch_size)
+    b, c, h, w = pixel_values.shape
+    gh, gw = h // p, w // p
+    patches = pixel_values[:, :, :gh * p, :gw * p].reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1)
+    shapes = torch.tensor([[gh, gw]] * b, device=pixel_values.device)
+    mask = torch.ones(b, gh * gw, dtype=torch.long, device=pixel_values.device)
+    return {"pixel_values": patches.reshape(b, gh * gw, p * p * c), "spatial_shapes": shapes,
+            "pixel_attention_mask": mask}
+
+
+def image_inputs(model: nn.Module, pixel_values: torch.Tensor) -> dict:
+    """The keyword arguments a transformers model takes a ``[B, C, H, W]`` image batch as."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    if "spatial_shapes" in params and "pixel_attention_mask" in params:
+        return _naflex_inputs(model, pixel_values)
+    name = image_input_name(model)
+    if name is None:
+        check_image_model(model)
+    return {name: pixel_values}
+
+
+def forward_images(model: nn.Module, pixel_values: torch.Tensor) -> Any:
+    """The model's output on an image batch, passed the way its library expects (transformers: by the keyword
+    its forward takes images by; NaFlex models as patches)."""
+    if is_transformers_model(model):
+        return model(**image_inputs(model, pixel_values))
+    return model(pixel_values)
+
+
 def call_model(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Run a classifier the way its library expects and return its logits."""
-    if is_transformers_model(model):
-        return model(pixel_values=pixel_values).logits
-    return logits_of(model(pixel_values))
+    return logits_of(forward_images(model, pixel_values))
 
 
 def distillation_heads(model: nn.Module):
@@ -289,10 +348,11 @@ def set_input_spec(model: nn.Module, spec: InputSpec) -> None:
 
 
 def _transformers_input_spec(model: nn.Module, processor: Any | None) -> InputSpec:
-    config = model.config
+    # CLIP, SigLIP, MetaCLIP 2 ... keep their image settings in the vision sub-config
+    config = getattr(model.config, "vision_config", None) or model.config
     in_chans = int(getattr(config, "num_channels", 3) or 3)
-    # Patch-embedding models (ViT, DeiT, ...) take exactly config.image_size.
-    fixed = hasattr(config, "patch_size") and hasattr(config, "image_size")
+    # Patch-embedding models (ViT, DeiT, CLIP, PVT's per-stage patch_sizes ...) take exactly config.image_size.
+    fixed = (hasattr(config, "patch_size") or hasattr(config, "patch_sizes")) and hasattr(config, "image_size")
     size = _pair(getattr(config, "image_size", DEFAULT_IMAGE_SIZE) or DEFAULT_IMAGE_SIZE)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     source = (f"no image processor found: ImageNet mean/std guessed from model_type '{getattr(config, 'model_type', '')}' "
@@ -312,9 +372,9 @@ def _transformers_input_spec(model: nn.Module, processor: Any | None) -> InputSp
                 size = (int(get("height")), int(get("width")))
             elif get("shortest_edge") and not fixed:
                 size = _pair(get("shortest_edge"))
-    elif getattr(config, "model_type", "") in ("vit", "beit"):
+    elif getattr(model.config, "model_type", "") in ("vit", "beit"):
         mean, std = (0.5,) * 3, (0.5,) * 3  # Google's ViT and BEiT processors scale to [-1, 1]
-        source = (f"no image processor found: mean/std 0.5 guessed from model_type '{config.model_type}' (its released "
+        source = (f"no image processor found: mean/std 0.5 guessed from model_type '{model.config.model_type}' (its released "
                   "processors use them; save the checkpoint's preprocessor_config.json to be sure)")
     return InputSpec(mean=mean, std=std, image_size=size, in_chans=in_chans, fixed_size=fixed, source=source)
 
@@ -441,6 +501,7 @@ def load_model(
     token: str | bool | None = None,
     label_names: Sequence[str] | None = None,
     backbone: bool = False,
+    image_size: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Load an image classifier (or, with ``backbone=True``, a feature backbone) from timm or transformers.
@@ -458,12 +519,17 @@ def load_model(
     config is still read). ``backbone=True`` (feature distillation) loads timm models without their
     classifier (``num_classes=0``) and transformers checkpoints with ``AutoModel`` (``Dinov2Model``,
     ``CLIPModel``, ``SiglipModel``, ``ViTModel``, ...). ``num_labels`` replaces the classification head when it differs from
-    the checkpoint's. Extra ``kwargs`` go to ``timm.create_model`` or ``from_pretrained``.
+    the checkpoint's. ``image_size`` builds the model for that input size: timm models whose class takes
+    ``img_size`` are created with it (ViT, DeiT, Swin, LeViT ...); every model is then checked on one image of
+    that size, and one that cannot take it is refused in one line naming the sizes it takes
+    (:class:`InputSizeError`). Extra ``kwargs`` go to ``timm.create_model`` or ``from_pretrained``.
     """
     name = str(name_or_path)
     if backbone:
         num_labels = 0  # timm: no classifier; transformers: the AutoModel class below
         kwargs["_backbone"] = True
+    if image_size is not None:
+        kwargs["_image_size"] = int(image_size)
     if name.startswith(("hf-hub:", "local-dir:")):
         model = _load_timm(name, num_labels, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
     elif os.path.isdir(name):
@@ -496,6 +562,8 @@ def load_model(
                 if local:
                     raise ModelLoadError(local + "; no Hub repository of that name could be loaded either") from None
                 raise
+    if image_size is not None:
+        _set_input_size(model, name, int(image_size), backbone)
     model.hf_distill_source = name
     if not hasattr(model, "hf_distill_init"):
         model.hf_distill_init = _init_description(model, name, pretrained)
@@ -548,10 +616,14 @@ def _load_timm(name: str, num_labels: int | None, pretrained: bool, cache_dir=No
     import timm
 
     kwargs.pop("_backbone", None)
+    image_size = kwargs.pop("_image_size", None)
     if num_labels is not None:
         kwargs["num_classes"] = num_labels
     if cache_dir is not None:
         kwargs["cache_dir"] = cache_dir
+    sized = image_size is not None and "img_size" not in kwargs and _timm_takes_img_size(name, kwargs)
+    if sized:
+        kwargs["img_size"] = image_size  # position embeddings / windows / attention biases built for that size
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as err:  # timm raises many kinds; make the offline case readable
@@ -559,6 +631,10 @@ def _load_timm(name: str, num_labels: int | None, pretrained: bool, cache_dir=No
             if pretrained and not name.startswith(("hf-hub:", "local-dir:")):
                 raise ModelLoadError(_timm_weights_offline_message(name)) from err
             raise ModelLoadError(_offline_message(name.split(":", 1)[-1], None)) from err
+        if sized and not isinstance(err, (OSError, RuntimeError)):  # the size is what the constructor refused
+            raise InputSizeError(f"image_size={image_size}: {short_name(name)} cannot be built for "
+                                 f"{image_size}x{image_size} inputs ({_first_line(err)}); pass a larger image_size"
+                                 ) from err
         raise
 
 
@@ -577,12 +653,109 @@ def _timm_weights_offline_message(name: str) -> str:
             f"with network access (`hf download {repo}`; timm's weights live in timm/NAME.TAG repositories).")
 
 
+class InputSizeError(ValueError):
+    """A model that cannot take the requested input size; the message names the sizes it takes."""
+
+
+def _timm_takes_img_size(name: str, kwargs: dict) -> bool:
+    """Whether the timm model's class takes ``img_size`` (its constructor is read from a build on the meta
+    device: no weights are allocated or loaded)."""
+    import inspect
+
+    import timm
+
+    meta_kw = {k: v for k, v in kwargs.items() if k not in ("cache_dir", "pretrained_cfg_overlay")}
+    try:
+        with torch.device("meta"):
+            cls = type(timm.create_model(name, pretrained=False, **meta_kw))
+    except Exception:  # noqa: BLE001 - e.g. a hub model not cached yet: the real build says what is wrong
+        return False
+    for klass in cls.__mro__:  # a subclass passing **kwargs on (LevitDistilled) takes what its base takes
+        params = inspect.signature(klass.__init__).parameters
+        if "img_size" in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
+
+
+_PROBE_SIZES = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288, 320, 384, 448, 512)
+
+
+def takes_input_size(model: nn.Module, size: Sequence[int], backbone: bool = False) -> bool:
+    """Whether one forward on a ``size`` image runs (eval mode, no gradients, every module's mode restored)."""
+    return _input_size_error(model, size, backbone) is None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:160]}" if text else type(err).__name__
+
+
+def _input_size_error(model: nn.Module, size: Sequence[int], backbone: bool = False) -> Exception | None:
+    weight = next(model.parameters(), None)
+    device = weight.device if weight is not None else torch.device("cpu")
+    if device.type == "meta":
+        return None
+    dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+    x = torch.zeros(1, input_spec(model).in_chans, *_pair(size), device=device, dtype=dtype)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            if backbone:
+                from .features import backbone_features
+
+                backbone_features(model, x)
+            else:
+                call_model(model, x)
+        return None
+    except Exception as err:  # noqa: BLE001 - any failure at that size (shapes, pooling, patch divisibility) is no
+        return err
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _set_input_size(model: nn.Module, name: str, size: int, backbone: bool) -> None:
+    """Record ``size`` as the model's input size, after checking on one image that the model takes it."""
+    import dataclasses
+
+    spec = input_spec(model)
+    err = _input_size_error(model, (size, size), backbone)
+    from .features import FeatureExtractionError
+
+    if isinstance(err, FeatureExtractionError):  # its features cannot be read at any size: say why
+        raise err
+    if err is not None:
+        own = tuple(spec.image_size)
+        own_err = _input_size_error(model, own, backbone) if own != (size, size) else None
+        if own_err is not None:  # not about the size at all
+            raise InputSizeError(f"{short_name(name)} does not run on images of its own size {own[0]}x{own[1]} "
+                                 f"either ({_first_line(own_err)})")
+        if own == (size, size):  # built for that size (timm img_size) and still failing on it
+            default = _pair((getattr(model, "pretrained_cfg", None) or {}).get("input_size", own))
+            hint = f"pass image_size={default[0]} (its default size)" if default != own else "pass a larger image_size"
+            raise InputSizeError(f"image_size={size}: {short_name(name)} built for {size}x{size} inputs fails on "
+                                 f"them ({_first_line(err)}); {hint}")
+        larger = next((s for s in _PROBE_SIZES if size < s and takes_input_size(model, (s, s), backbone)), None)
+        if spec.fixed_size or larger is None:
+            raise InputSizeError(f"image_size={size}: {short_name(name)} takes {own[0]}x{own[1]} inputs only; pass "
+                                 f"image_size={own[0]}, or choose a student that takes {size}x{size}")
+        raise InputSizeError(f"image_size={size}: {short_name(name)} needs larger inputs (the smallest size tried "
+                             f"that it takes is {larger}); pass image_size={larger} or more")
+    set_input_spec(model, dataclasses.replace(spec, image_size=(size, size),
+                                              source=f"{spec.source}; image_size={size} requested"))
+
+
 def _load_transformers(name, num_labels, revision, cache_dir, token, pretrained=True, **kwargs) -> nn.Module:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
+    image_size = kwargs.pop("_image_size", None)  # checked (and recorded) once the model is built
+
     if kwargs.pop("_backbone", False):
         return _load_transformers_backbone(name, revision, cache_dir, token, pretrained, AutoModel, AutoConfig,
-                                           AutoImageProcessor, **kwargs)
+                                           AutoImageProcessor, image_size=image_size, **kwargs)
     local = os.path.isdir(name)
     has_weights = not local or any(
         f.endswith((".safetensors", ".bin")) for f in os.listdir(name)
@@ -604,6 +777,7 @@ def _load_transformers(name, num_labels, revision, cache_dir, token, pretrained=
                 config.label2id = {v: k for k, v in config.id2label.items()}
             if pretrained:
                 logger.warning("'%s' has a config but no weights: the model starts from random init", name)
+            _config_for_size(config, image_size)
             model = AutoModelForImageClassification.from_config(config, **kwargs)
             model.hf_distill_init = "random initialisation"
     except OSError as err:
@@ -633,17 +807,35 @@ def _with_processor(model: nn.Module, processor_class, name: str, hub_kw: dict) 
     return model
 
 
+def _config_for_size(config, image_size: int | None) -> None:
+    """A model built from its config (random weights) is built for ``image_size``: position embeddings sized for
+    it (ViT, CLIP / SigLIP towers, PVT ...)."""
+    if image_size is None:
+        return
+    for cfg in (config, getattr(config, "vision_config", None)):
+        if cfg is not None and isinstance(getattr(cfg, "image_size", None), (int, list, tuple)):
+            cfg.image_size = image_size if isinstance(cfg.image_size, int) else [image_size] * len(cfg.image_size)
+
+
 def _load_transformers_backbone(name, revision, cache_dir, token, pretrained, auto_model, auto_config,
-                                auto_processor, **kwargs) -> nn.Module:
-    """A transformers checkpoint as its base model (``AutoModel``): the backbone feature distillation reads."""
+                                auto_processor, image_size=None, **kwargs) -> nn.Module:
+    """A transformers checkpoint as its base model (``AutoModel``): the backbone feature distillation reads; a
+    type with no base model there (PP-LCNet) as its ``AutoBackbone`` (its stage maps)."""
+    from transformers import AutoBackbone
+
     hub_kw = {"revision": revision, "cache_dir": cache_dir, "token": token}
     local = os.path.isdir(name)
     has_weights = not local or any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name))
     try:
+        config = auto_config.from_pretrained(name, **hub_kw)
+        backbone_class = None
+        if type(config) not in auto_model._model_mapping and type(config) in AutoBackbone._model_mapping:
+            backbone_class = AutoBackbone._model_mapping[type(config)]  # its class: AutoBackbone asks the Hub
         if has_weights and pretrained:
-            model = _backbone_from_pretrained(auto_model, name, **hub_kw, **kwargs)
+            model = _backbone_from_pretrained(backbone_class or auto_model, name, **hub_kw, **kwargs)
         else:
-            model = auto_model.from_config(auto_config.from_pretrained(name, **hub_kw), **kwargs)
+            _config_for_size(config, image_size)
+            model = backbone_class(config, **kwargs) if backbone_class else auto_model.from_config(config, **kwargs)
             model.hf_distill_init = "random initialisation"
     except OSError as err:
         if _is_offline_error(err):

@@ -271,12 +271,27 @@ def infer_layout(
     return _layout_of(model, resolve_module(model, name), tensor)
 
 
-def _grid(n: int, grid_size: tuple[int, int] | None, num_prefix: int) -> tuple[int, int]:
+def _grid(n: int, grid_size: tuple[int, int] | None, num_prefix: int,
+          image_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The ``(h, w)`` grid of ``n`` tokens: ``grid_size`` when given; else, for an input of ``image_size``, the
+    grid of the smallest stride ``s`` whose ``H/s x W/s`` positions (rounded down, or up as padded patch
+    embeddings do) are ``n``, so non-square inputs keep their aspect ratio; else a square."""
     if grid_size is not None:
         h, w = int(grid_size[0]), int(grid_size[1])
         if h * w == n:
             return h, w
         raise ValueError(f"{n} patch tokens do not fit a {h}x{w} grid (num_prefix_tokens={num_prefix})")
+    if image_size is not None:
+        height, width = int(image_size[0]), int(image_size[1])
+        for s in range(1, max(height, width) + 1):
+            for h, w in ((height // s, width // s), (-(-height // s), -(-width // s))):
+                if h * w == n and n > 0:
+                    return h, w
+            if -(-height // s) * -(-width // s) < n:
+                break
+        raise ValueError(f"{n} tokens (after dropping {num_prefix} prefix tokens) do not lie on a grid of a "
+                         f"{height}x{width} input at any stride: pass the right num_prefix_tokens, or compare "
+                         "pooled features instead of maps")
     side = math.isqrt(n)
     if side * side != n or n == 0:
         raise ValueError(

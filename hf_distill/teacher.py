@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
 
@@ -13,11 +14,13 @@ from .models import (
     InputAdapter,
     InputSpec,
     call_model,
+    check_image_model,
     declares_input_spec,
     input_spec,
     label_names_of,
     model_name,
     num_classes_of,
+    takes_input_size,
 )
 
 
@@ -67,13 +70,15 @@ class Teachers(nn.Module):
     data parallel, never in the optimizer and never saved with the student.
     """
 
-    def __init__(self, teachers: Sequence[nn.Module], student_spec: InputSpec, layers: Sequence[str] = ()):
+    def __init__(self, teachers: Sequence[nn.Module], student_spec: InputSpec, layers: Sequence[str] = (),
+                 targets: Sequence[InputSpec] | None = None):
         super().__init__()
+        for i, t in enumerate(teachers):
+            check_image_model(t, f"teacher {i}" if len(teachers) > 1 else "teacher")
         self.models = nn.ModuleList(freeze(t) for t in teachers)
-        # A plain module that declares nothing is assumed to take the student's input as is.
-        self.adapters = nn.ModuleList(
-            InputAdapter(student_spec, input_spec(t) if declares_input_spec(t) else student_spec) for t in teachers
-        )
+        # each teacher's input: given (rebuilt), or found for the student's batches (teacher_input_spec)
+        targets = list(targets) if targets is not None else [teacher_input_spec(t, student_spec) for t in teachers]
+        self.adapters = nn.ModuleList(InputAdapter(student_spec, target) for target in targets)
         # Hint features come from the first teacher (the one a method's layer names refer to).
         self._taps = FeatureTaps(self.models[0], layers, detach=True) if layers and len(self.models) else None
         self._features: dict[str, torch.Tensor] = {}
@@ -86,7 +91,10 @@ class Teachers(nn.Module):
         tapped layers: this wrapper's hooks are removed, the new adapters follow the old ones' device and dtype."""
         if self._taps is not None:
             self._taps.remove()
-        new = Teachers(list(self.models), student_spec, layers)
+        same_size = all(tuple(a.source.image_size) == tuple(student_spec.image_size) for a in self.adapters)
+        # a sharded teacher is not run here (its forward needs every process): its input is the one found before
+        targets = [a.target for a in self.adapters] if same_size or self.sharded else None
+        new = Teachers(list(self.models), student_spec, layers, targets=targets)
         new.sharded = self.sharded
         if self.compile_options is not None:
             new.compile(**self.compile_options)
@@ -209,6 +217,23 @@ def _copied(value):
     if isinstance(value, dict):
         return {k: _copied(v) for k, v in value.items()}
     return type(value)(_copied(v) for v in value)
+
+
+def teacher_input_spec(teacher: nn.Module, student_spec: InputSpec) -> InputSpec:
+    """What a teacher is fed, for batches made for ``student_spec``: a plain module that declares nothing takes
+    the student's input as is; a fixed-size teacher is resized to its own size; any other teacher takes the
+    student's size when one image of that size runs through it, else (a minimum size, patch divisibility) its own
+    size, found with one dry forward."""
+    if not declares_input_spec(teacher):
+        return student_spec
+    spec = input_spec(teacher)
+    if spec.fixed_size or tuple(spec.image_size) == tuple(student_spec.image_size):
+        return spec
+    if takes_input_size(teacher, student_spec.image_size) or \
+            takes_input_size(teacher, student_spec.image_size, backbone=True):
+        return spec
+    return dataclasses.replace(spec, fixed_size=True, source=f"{spec.source}; fed its own size, since it does not "
+                               f"take {student_spec.image_size[0]}x{student_spec.image_size[1]}")
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:

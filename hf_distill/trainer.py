@@ -27,6 +27,7 @@ from .models import (
     count_parameters,
     display_name,
     distillation_heads,
+    forward_images,
     input_spec,
     is_transformers_model,
     label_names_of,
@@ -38,7 +39,7 @@ from .models import (
     short_name,
 )
 from .features import backbone_features, export_backbone, feature_shapes, knn_accuracy
-from .taps import FeatureTaps, default_call, probe_features
+from .taps import FeatureTaps, probe_features
 from .teacher import Teachers, check_label_spaces
 
 logger = logging.getLogger(__name__)
@@ -1146,13 +1147,15 @@ class DistillationTrainer(Trainer):
             spec = self.student_spec
             device = next(self.student.parameters()).device
             x = torch.zeros(8, spec.in_chans, *spec.image_size, device=device)
-            # a plain forward of each model (classifiers and backbones alike)
-            timing = {"student_ms_per_image": measure_latency_ms(self.student, x, call=default_call), "batch_size": 8,
+            # each model run as training runs it: a classifier's forward, or a backbone's features (a CLIPModel's
+            # plain forward would want text too)
+            call = backbone_features if self.method.student_output == "features" else forward_images
+            timing = {"student_ms_per_image": measure_latency_ms(self.student, x, call=call), "batch_size": 8,
                       "device": str(device), "image_size": f"{spec.image_size[0]}x{spec.image_size[1]}"}
             if len(self.teachers) and not self.teachers.sharded:  # a sharded forward needs every process
                 # each teacher as training runs it: through its input adapter, in its own dtype
                 timing["teacher_ms_per_image"] = sum(
-                    measure_latency_ms(t, self.teachers.prepare_input(i, x), call=default_call)
+                    measure_latency_ms(t, self.teachers.prepare_input(i, x), call=call)
                     for i, t in enumerate(self.teachers.models))
             self._timing_cache = timing
         return self._timing_cache
