@@ -54,6 +54,7 @@ class ExitSpec:
     in_grid: Optional[tuple[int, int]] = None
     out_grid: Optional[tuple[int, int]] = None
     out_prefix: Optional[int] = None  # the deepest feature's prefix tokens (None: num_prefix_tokens)
+    as_map: bool = False  # compare maps even between tokens (another exit of the model changes the token count)
 
     def __post_init__(self):
         for f in ("in_grid", "out_grid", "in_shape", "out_shape"):
@@ -96,7 +97,7 @@ class ExitHead(nn.Module):
         self.out_prefix = out_prefix
         # tokens stay tokens when the exit's and the deepest token counts agree (ViT); hierarchical token
         # models (Swin, PVT ...) compare maps on their grids
-        self.tokens = (spec.in_layout == TOKENS and spec.out_layout == TOKENS
+        self.tokens = (spec.in_layout == TOKENS and spec.out_layout == TOKENS and not spec.as_map
                        and spec.in_shape[1] - spec.num_prefix_tokens == spec.out_shape[1] - out_prefix)
         if self.tokens:
             self.bottleneck = nn.Sequential(nn.LayerNorm(c_in), nn.Linear(c_in, c_out))

@@ -46,6 +46,10 @@ __all__ = ["Stage", "ModelView", "StagesNotFoundError", "MiddleRunner", "model_v
            "even_pick"]
 
 
+# what a user can pass instead when no stages are found (trainer arguments, or a list on the model)
+NAME_THEM = "name the layers instead (hint_layers, byot_exits; or a stage_modules list on the model)"
+
+
 class StagesNotFoundError(ValueError):
     """The model's stages cannot be found (or not unambiguously); the message says what to pass instead."""
 
@@ -313,7 +317,8 @@ def _probe_children(model: nn.Module, x: torch.Tensor, call) -> list[str]:
     kid_names = {f"{prefix}.{n}" if prefix else n for n, _ in container.named_children()}
     calls = [(n, t) for n, t in seen if n in kid_names and t.ndim in (3, 4)]
     if len({n for n, _ in calls}) != len(calls):
-        raise StagesNotFoundError(f"{type(model).__name__}: a child module runs more than once per forward")
+        raise StagesNotFoundError(f"{type(model).__name__}: a child module runs more than once per forward, so "
+                                  f"its stages are ambiguous; {NAME_THEM}")
     groups: list[tuple[Any, str]] = []
     for n, t in calls:
         key = tuple(t.shape[2:]) if t.ndim == 4 else (t.shape[1],)
@@ -358,8 +363,9 @@ def model_view(model: nn.Module, call: Callable | None = None) -> ModelView:
         except StagesNotFoundError:
             raise
         except Exception as err:  # noqa: BLE001 - the dry forward itself fails
-            raise StagesNotFoundError(f"cannot probe the stages of {type(model).__name__}: "
-                                      f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+            raise StagesNotFoundError(f"cannot probe the stages of {type(model).__name__} "
+                                      f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                                      f"{NAME_THEM}") from None
     try:
         view = _measure(model, names, source, x, size, grids, reductions, call)
     except StagesNotFoundError:
@@ -377,8 +383,9 @@ def _measure(model, names, source, x, size, grids, reductions, call) -> ModelVie
     try:
         probe = _probe_each(model, names, x, call, probe_features)
     except Exception as err:  # noqa: BLE001 - any failure of the dry forward is the same refusal
-        raise StagesNotFoundError(f"cannot probe the stages of {type(model).__name__} ({source}): "
-                                  f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise StagesNotFoundError(f"cannot probe the stages of {type(model).__name__} ({source}: "
+                                  f"{str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                                  f"{NAME_THEM}") from None
     H, W = size
     stages = []
     for name in names:
@@ -407,8 +414,7 @@ def _measure(model, names, source, x, size, grids, reductions, call) -> ModelVie
         stages = kept if len(kept) >= 2 else stages
     if len(stages) < 2:
         raise StagesNotFoundError(
-            f"{type(model).__name__}: found {len(stages)} stage(s) ({source or 'no declaration'}); name the "
-            "layers instead (hint_layers / byot_exits, or stage_modules on the model)")
+            f"{type(model).__name__}: found {len(stages)} stage(s) ({source or 'no declaration'}); {NAME_THEM}")
     reductions = {s.reduction for s in stages}
     isotropic = len(reductions) == 1 and len(stages) > 4
     return ModelView(stages, source, tuple(size), isotropic)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..exits import BOTTLENECKS, ExitHead, ExitSpec, MultiExitModel, deepest_target
 from ..losses import kd_loss, soft_kl
-from ..taps import num_prefix_tokens
+from ..taps import TOKENS
 from .base import DistillationMethod, StepOutputs
 from .fitnets import Hints
 
@@ -142,15 +142,18 @@ class BeYourOwnTeacher(DistillationMethod):
         if n_classes is None:
             raise ValueError("byot needs to know the student's number of classes (num_classes / num_labels)")
         exits = nn.ModuleDict()
+        shapes = {layer: probe["student"][layer] for layer in self.exit_layers}
+        # tokens stay tokens only when every exit has the deepest token count (ViT); otherwise all compare maps
+        self._deepest_as_map = self._deepest_layout != TOKENS or any(
+            layout != TOKENS or shape[1] - _token_layout(student, layer, shape, layout)[0] != out_shape[1] - self._prefix
+            for layer, (shape, layout) in shapes.items())
         for i, layer in enumerate(self.exit_layers):
-            shape, layout = probe["student"][layer]
+            shape, layout = shapes[layer]
             prefix, grid = _token_layout(student, layer, shape, layout)
             exits[f"exit{i + 1}"] = ExitHead(ExitSpec(layer, shape, layout, out_shape, self._deepest_layout,
                                                       n_classes, prefix, self.args.byot_exit_bottleneck,
                                                       in_grid=grid, out_grid=self._deepest_grid,
-                                                      out_prefix=self._prefix))
-        # tokens stay tokens only when every exit keeps the deepest token count; otherwise all compare maps
-        self._deepest_as_map = any(not e.tokens for e in exits.values())
+                                                      out_prefix=self._prefix, as_map=self._deepest_as_map))
         if self.hints is not None:
             exits.update(self.hints.build(student, teachers, probe))
         return exits
