@@ -84,29 +84,33 @@ _SHRINK = {  # attribute -> small value (lists are shrunk element-wise below)
 }
 
 
-def _shrunk(config):
-    import copy
-
-    c = copy.deepcopy(config)
+def _shrink_dict(d: dict) -> dict:
+    d = dict(d)
     for key, value in _SHRINK.items():
-        if hasattr(c, key) and isinstance(getattr(c, key), (int, float)):
-            setattr(c, key, value)
+        if isinstance(d.get(key), (int, float)) and not isinstance(d.get(key), bool):
+            d[key] = value
     for key in ("depths", "num_layers_per_stage", "layer_depths", "depth"):
-        v = getattr(c, key, None)
-        if isinstance(v, (list, tuple)) and v and all(isinstance(d, int) for d in v):
-            setattr(c, key, [1] * len(v))
+        v = d.get(key)
+        if isinstance(v, (list, tuple)) and v and all(isinstance(x, int) for x in v):
+            d[key] = [1] * len(v)
     for key in ("hidden_sizes", "embed_dims", "neck_hidden_sizes", "hidden_dims"):
-        v = getattr(c, key, None)
-        if isinstance(v, (list, tuple)) and v and all(isinstance(d, int) for d in v):
-            setattr(c, key, [max(8, min(d, 16 * (i + 1))) for i, d in enumerate(v)])
+        v = d.get(key)
+        if isinstance(v, (list, tuple)) and v and all(isinstance(x, int) for x in v):
+            d[key] = [max(8, min(x, 16 * (i + 1))) for i, x in enumerate(v)]
     for key in ("num_heads", "num_attention_heads"):
-        v = getattr(c, key, None)
+        v = d.get(key)
         if isinstance(v, (list, tuple)) and v:
-            setattr(c, key, [1] * len(v))
-    for sub in ("vision_config", "backbone_config"):
-        if getattr(c, sub, None) is not None:
-            setattr(c, sub, _shrunk(getattr(c, sub)))
-    return c
+            d[key] = [1] * len(v)
+    for key in ("out_features", "out_indices", "stage_names"):  # derived from the depths: let the config redo them
+        d.pop(key, None)
+    for key in ("vision_config", "backbone_config", "text_config"):
+        if isinstance(d.get(key), dict):
+            d[key] = _shrink_dict(d[key])
+    return d
+
+
+def _shrunk(config):
+    return type(config)(**_shrink_dict(config.to_dict()))
 
 
 def transformers_rows() -> list[dict]:
@@ -134,38 +138,46 @@ def build_transformers(row):
     base = CONFIG_MAPPING[row["family"]]()
     base.num_labels = 10
     errors = []
-    for config, what in ((_shrunk(base), "shrunk"), (base, "default")):
-        try:
-            torch.manual_seed(0)
-            model = cls(config)
-            model.eval()
-            size = getattr(config, "image_size", None)
-            side = size if isinstance(size, int) else (size[0] if isinstance(size, (list, tuple)) else 224)
-            with torch.no_grad():
-                model(pixel_values=torch.randn(1, getattr(config, "num_channels", 3) or 3, side, side))
-            return model, what
-        except Exception as err:  # noqa: BLE001
-            errors.append(f"{what}: {_line(err)}")
+    from hf_distill.models import input_spec
+
+    def shrunk():
+        return _shrunk(base)
+
+    for make, what in ((shrunk, "shrunk"), (lambda: base, "default")):
+        for small in (True, False):
+            try:
+                config = make()
+                torch.manual_seed(0)
+                model = cls(config)
+                model.eval()
+                spec = input_spec(model)
+                side = SMALL if small else spec.image_size[0]
+                with torch.no_grad():
+                    model(pixel_values=torch.randn(2, spec.in_chans, side, side))
+                return model, f"{what} config, {side}px", (side, side)
+            except Exception as err:  # noqa: BLE001
+                errors.append(f"{what}/{'small' if small else 'own size'}: {_line(err)}")
     raise RuntimeError("does not build: " + "; ".join(errors))
 
 
 def build_timm(row):
+    """The model, how it was built, and the input size its cells use (checked by a forward at that size)."""
     import timm
     import torch
 
+    from hf_distill.models import input_spec
+
     name = row["model"]
-    for kw in ({"img_size": SMALL}, {}):
+    last = None
+    for kw, small in (({"img_size": SMALL}, True), ({}, True), ({}, False)):
         try:
             torch.manual_seed(0)
             model = timm.create_model(name, pretrained=False, num_classes=10, **kw)
-            from hf_distill.models import input_spec
-
-            size = input_spec(model).image_size
-            if not kw and not input_spec(model).fixed_size:
-                size = (SMALL, SMALL)
+            spec = input_spec(model)
+            size = tuple(spec.image_size) if spec.fixed_size or not small else (SMALL, SMALL)
             with torch.no_grad():
-                model.eval()(torch.randn(1, 3, *size))
-            return model, ("img_size=%d" % SMALL) if kw else "default"
+                model.eval()(torch.randn(2, spec.in_chans, *size))
+            return model, (f"img_size={SMALL}" if kw else f"{size[0]}px"), size
         except Exception as err:  # noqa: BLE001
             last = err
     raise RuntimeError(f"does not build: {_line(last)}")
@@ -253,16 +265,15 @@ def run_cell(column, build, out):
     from hf_distill import DistillationTrainer
     from hf_distill.models import input_spec
 
-    model, _ = build()
+    from dataclasses import replace
+
+    from hf_distill.models import set_input_spec
+
+    model, _, size = build()
     spec = input_spec(model)
-    size = tuple(spec.image_size)
-    if not spec.fixed_size and max(size) > SMALL:
-        from dataclasses import replace
-
-        from hf_distill.models import set_input_spec
-
-        size = (SMALL, SMALL)
-        set_input_spec(model, replace(spec, image_size=size))
+    if tuple(spec.image_size) != tuple(size):
+        set_input_spec(model, replace(spec, image_size=tuple(size)))
+        spec = input_spec(model)
     train, ev = _Images(8, size, spec.in_chans), _Images(4, size, spec.in_chans, seed=1)
     kw, student, teacher, trainer_kw = {}, model, None, {}
     if column == "s_kd":
@@ -318,7 +329,7 @@ def run_row(row, columns, results_file):
     torch.set_num_threads(1)
     build = (lambda: build_timm(row)) if row["library"] == "timm" else (lambda: build_transformers(row))
     try:
-        _, how = build()
+        _, how, _ = build()
     except Exception as err:  # noqa: BLE001
         _write(results_file, row, "build", "unbuildable", _line(err), 0.0)
         return
