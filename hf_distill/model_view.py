@@ -195,7 +195,8 @@ def _timm_feature_info(model: nn.Module) -> dict[str, float]:
     for e in info:
         name = e.get("module") if isinstance(e, dict) else None
         module = modules.get(name) if name else None
-        while isinstance(module, (nn.ModuleList, nn.ModuleDict)) and len(module):
+        while (isinstance(module, (nn.ModuleList, nn.ModuleDict)) and len(module)
+               and type(module).forward is nn.Module.forward):
             # a container the forward iterates (never calls): its last member gives the level's output
             last = list(module.named_children())[-1][0]
             name, module = f"{name}.{last}", modules[f"{name}.{last}"]
