@@ -14,6 +14,14 @@ the split reproduces the model's own ``forward`` operation by operation, so
 of stage ``i`` is exactly the output of the module named ``stage_names[i]`` in the normal forward
 (forward hooks registered on those names see the same tensors).
 
+Why these hand-written splits remain: stages themselves are found for any model by
+:mod:`hf_distill.model_view` (from what timm / transformers declare), and any model can be run from
+the middle by :class:`hf_distill.model_view.MiddleRunner` (its own forward, the stage output
+substituted, verified on a probe). But that runner also computes the stages before the branch point
+(without gradients, on a stand-in input); a split written out here runs only the later stages, so SFTN
+branches and early exit are cheaper for these families, and :func:`hf_distill.model_view.run_from_middle`
+uses it first.
+
 Built-in families (detected by class, never by instance name), as ``stem | stages | head``:
 
 * timm ``ResNet`` (ResNet, ResNet-D, WideResNet ...): conv1, bn1, act1, maxpool | layer1 .. layer4 |
