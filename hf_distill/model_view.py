@@ -17,7 +17,8 @@ and the grid the others lie on. FitNets ``hint_layers="auto"``, BYOT's automatic
 
 One dry forward at the model's own input size then gives every stage's shape and layout. Stem-level
 levels (reduction below 4) are dropped while at least two stages remain; isotropic models (every
-stage at one reduction: ViT, Mixer ...) are grouped into 4 evenly spaced stages by default.
+stage at one reduction: ViT, Mixer ...) are grouped into 4 evenly spaced stages by default; models
+that list more than 6 blocks at several reductions keep the last block of each reduction.
 
 Tokens become maps on the model's own grid at any input size, non-square too (:meth:`ModelView.
 token_grid`): the grid is the input size divided by the stage's reduction, and the prefix tokens are
@@ -276,11 +277,16 @@ def _transformers_candidates(model: nn.Module, x: torch.Tensor) -> tuple[list[st
     reshaped = getattr(out, "reshaped_hidden_states", None) or [None] * len(hidden)
     per_state = []
     for j, hs in enumerate(hidden):
-        if j == 0 or not isinstance(hs, torch.Tensor) or hs.ndim not in (3, 4):
-            continue  # hidden_states[0] is the embeddings' output: the stem
+        if not isinstance(hs, torch.Tensor) or hs.ndim not in (3, 4):
+            continue
         hits = [n for n, t in seen if _same(t, hs)]
         if not hits:
             hits = [n for n, t in seen if t.shape == hs.shape and torch.equal(t, hs)]
+        if not hits and hs.ndim == 4:  # tokens the encoder reshapes into a map outside any module (PVTv2)
+            hits = [n for n, t in seen if t.ndim == 3
+                    and any(torch.equal(c, hs) for c in _as_map_candidates(t, hs.shape))]
+        if j == 0 and any("embed" in n.rpartition(".")[2] for n in hits):
+            continue  # the embeddings' output (ViT, ResNet ...): the stem; PVT-like models start with a stage
         if hits:
             per_state.append((j, hs, hits))
     # the stage modules are siblings (encoder.layers.N): prefer the container most hidden states come from
@@ -299,6 +305,8 @@ def _transformers_candidates(model: nn.Module, x: torch.Tensor) -> tuple[list[st
         r = reshaped[j] if j < len(reshaped) else None
         if isinstance(r, torch.Tensor) and r.ndim == 4 and hs.ndim == 3:
             grids[name] = (int(r.shape[-2]), int(r.shape[-1]))
+        elif hs.ndim == 4 and dict(seen).get(name) is not None and dict(seen)[name].ndim == 3:
+            grids[name] = (int(hs.shape[-2]), int(hs.shape[-1]))
     return names, grids
 
 
@@ -418,6 +426,9 @@ def _measure(model, names, source, x, size, grids, reductions, call) -> ModelVie
             f"{type(model).__name__}: found {len(stages)} stage(s) ({source or 'no declaration'}); {NAME_THEM}")
     reductions = {s.reduction for s in stages}
     isotropic = len(reductions) == 1 and len(stages) > 4
+    if not isotropic and len(stages) > 6:  # every block listed (transformers MobileNet): one per reduction level
+        last = {s.reduction: s.name for s in stages}
+        stages = [s for s in stages if last[s.reduction] == s.name]
     return ModelView(stages, source, tuple(size), isotropic)
 
 
