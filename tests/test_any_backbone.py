@@ -258,3 +258,16 @@ def test_sftn_branches_run_a_student_without_a_hand_written_split(data, make_arg
     # the copy's stages before the branch point are frozen; later ones train
     frozen = {n for n, p in branch.student.named_parameters() if not p.requires_grad}
     assert any(n.startswith("stem") for n in frozen) and not any(n.startswith("head") for n in frozen)
+
+
+def test_layers_command_shows_the_discovered_stages(capsys, tmp_path):
+    from hf_distill.cli import main
+
+    main(["layers", "test_byobnet", "--image-size", "32"])
+    text = capsys.readouterr().out
+    table = text[text.index("stage   "):]
+    assert "stages from timm feature_info" in table and "FitNets auto: stages.2" in table
+    assert [line.split()[0] for line in table.splitlines()[2:6]] == ["stages.0", "stages.1", "stages.2", "final_conv"]
+    hf("swin").save_pretrained(tmp_path / "swin")  # a transformers folder: hidden states, reshaped grids
+    main(["layers", str(tmp_path / "swin")])
+    assert "transformers hidden_states (reshaped)" in capsys.readouterr().out
