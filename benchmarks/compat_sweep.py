@@ -114,7 +114,6 @@ def _shrunk(config):
 
 
 def transformers_rows() -> list[dict]:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
     rows = []
@@ -122,10 +121,6 @@ def transformers_rows() -> list[dict]:
         for cls_name in class_names if isinstance(class_names, (list, tuple)) else [class_names]:
             rows.append({"id": f"transformers/{cls_name}", "library": "transformers", "family": model_type,
                          "model": cls_name})
-    try:
-        CONFIG_MAPPING  # noqa: B018 - imported for build_transformers
-    except Exception:  # noqa: BLE001
-        pass
     return rows
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -44,7 +44,7 @@ from .taps import NCHW, NHWC, TOKENS, VECTOR, FeatureTaps, _DryRun, _first_param
     resolve_module, to_nchw
 
 __all__ = ["Stage", "ModelView", "StagesNotFoundError", "MiddleRunner", "model_view", "token_grid",
-           "even_pick"]
+           "tokens_to_map", "run_from_middle", "stage_image_size", "format_stages", "even_pick"]
 
 
 # what a user can pass instead when no stages are found (trainer arguments, or a list on the model)
@@ -74,7 +74,6 @@ class ModelView:
     source: str
     image_size: tuple[int, int]
     isotropic: bool = False
-    _last_input: list = field(default_factory=lambda: [None], repr=False)
 
     def names(self, num_groups: int | None = None) -> list[str]:
         """Stage module names: all (hierarchical models) or 4 evenly spaced (isotropic), or ``num_groups``."""

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..losses import soft_kl
-from ..taps import NCHW, NHWC, TOKENS, num_prefix_tokens, resize_map, to_nchw
+from ..taps import NCHW, NHWC, TOKENS, resize_map, to_nchw
 from .base import DistillationMethod, StepOutputs
 
 
