@@ -101,6 +101,9 @@ def _shrink_dict(d: dict) -> dict:
         v = d.get(key)
         if isinstance(v, (list, tuple)) and v:
             d[key] = [1] * len(v)
+    p = d.get("patch_size")
+    if isinstance(d.get("image_size"), int) and isinstance(p, int) and d["image_size"] > max(SMALL, 4 * p):
+        d["image_size"] = max(SMALL, 4 * p)  # a fixed-size model: fewer tokens
     for key in ("out_features", "out_indices", "stage_names"):  # derived from the depths: let the config redo them
         d.pop(key, None)
     for key in ("vision_config", "backbone_config", "text_config"):
