@@ -371,6 +371,11 @@ def all_rows(refresh=False) -> list[dict]:
     return rows
 
 
+def _status(cell: dict) -> str:
+    # rows that ran out of time on the shared CPU (older results wrote them as failures)
+    return "timeout" if cell["status"] == "timeout" or cell["reason"].startswith("timeout") else cell["status"]
+
+
 def report() -> str:
     import timm
     import torch
@@ -400,12 +405,25 @@ def report() -> str:
         cells = []
         for c in COLUMNS:
             rs = [done[(i, c)] for i in ids if (i, c) in done]
+            timeouts = sum(_status(r) == "timeout" for r in rs)
+            rs = [r for r in rs if _status(r) != "timeout"]
             ok = sum(r["status"] == "pass" for r in rs)
             ref = sum(r["status"] == "refused" for r in rs)
-            cells.append(f"{ok}/{len(rs)} ({100 * ok / len(rs):.0f}%), {ref} refused" if rs else "-")
+            cells.append((f"{ok}/{len(rs)} ({100 * ok / len(rs):.0f}%), {ref} R" if rs else "-")
+                         + (f", {timeouts} T" if timeouts else ""))
         lines.append(f"| {lib} | " + " | ".join(cells) + " |")
+    all_cells = [done[(r["id"], c)] for r in rows for c in COLUMNS if (r["id"], c) in done
+                 and done.get((r["id"], "build"), {}).get("status") == "pass" and _status(done[(r["id"], c)]) != "timeout"]
+    if all_cells:
+        ok = sum(c["status"] == "pass" for c in all_cells)
+        ref = sum(c["status"] == "refused" for c in all_cells)
+        lines += ["", f"All columns: {ok}/{len(all_cells)} cells pass ({100 * ok / len(all_cells):.1f}%); "
+                  f"{ok + ref}/{len(all_cells)} pass or are refused at construction with one line "
+                  f"({100 * (ok + ref) / len(all_cells):.1f}%)."]
     unbuildable = [r for r in rows if done.get((r["id"], "build"), {}).get("status") == "unbuildable"]
-    lines += ["", "## Cells", "", "P pass, R refused at construction, F fail, - not run.", "",
+    lines += ["", "P pass, R refused at construction (one line, counted in the denominators), F fail, T the row ran "
+              "out of time (per-row limit, 2 CPU cores shared by several jobs; not counted), - not run.",
+              "", "## Cells", "",
               "| row | model | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     reasons = []
     for r in rows:
@@ -415,9 +433,10 @@ def report() -> str:
         marks = []
         for c in COLUMNS:
             cell = done.get((r["id"], c))
-            marks.append("-" if cell is None else {"pass": "P", "refused": "R", "fail": "F"}[cell["status"]])
+            marks.append("-" if cell is None else {"pass": "P", "refused": "R", "fail": "F", "timeout": "T"}[
+                _status(cell)])
             if cell is not None and cell["status"] != "pass":
-                reasons.append(f"* `{r['id']}` {c} ({cell['status']}): {cell['reason']}")
+                reasons.append(f"* `{r['id']}` {c} ({_status(cell)}): {cell['reason']}")
         lines.append(f"| {r['id']} | {r['model']} ({b['reason']}) | " + " | ".join(marks) + " |")
     lines += ["", "## Reasons (refused and failed cells)", ""] + (reasons or ["none"])
     if unbuildable:
@@ -474,8 +493,10 @@ def main(argv=None) -> int:
         log = open(RESULTS / f"part-{i}-of-{n}.log", "a")  # the trainers' own logs
         try:
             subprocess.run(cmd, timeout=a.timeout, check=False, stdout=log, stderr=subprocess.STDOUT)
-        except subprocess.TimeoutExpired:
-            _write(out, row, todo[0], "fail", f"timeout: the row ran past {a.timeout}s", a.timeout)
+        except subprocess.TimeoutExpired:  # the cell that was running when the row ran out of time
+            now = load_results()
+            left = [c for c in todo if (row["id"], c) not in now or now[(row["id"], c)] is done.get((row["id"], c))]
+            _write(out, row, left[0] if left else todo[-1], "timeout", f"the row ran past {a.timeout}s", a.timeout)
         finally:
             log.close()
         print(" ".join(f"{c}={r['status']}" for (rid, c), r in load_results().items() if rid == row["id"]),
