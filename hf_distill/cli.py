@@ -794,8 +794,13 @@ def _given_values(groups, given: set[str]) -> dict:
 
 
 def _layers_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hf-distill layers", allow_abbrev=False,
-                                     description="List a model's modules with output shapes (hint-layer candidates).")
+    parser = argparse.ArgumentParser(
+        prog="hf-distill layers", allow_abbrev=False,
+        description="List a model's stages and modules with output shapes (hint-layer candidates). Stages are "
+        "read from what the model's library declares: timm feature_info, transformers hidden states "
+        "(output_hidden_states, reshaped_hidden_states for Swin-like models), a stage_modules list on the "
+        "model; for other modules, its children by output shape. FitNets hint_layers=auto pairs the middle "
+        "stages, BYOT puts exits after every stage but the last, SFTN branches after each.")
     parser.add_argument("model", help="timm name, hf-hub:org/name, local folder or transformers repo id")
     parser.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
     parser.add_argument("--in-chans", type=int, default=None, help="input channels for timm names (default 3)")
@@ -812,6 +817,12 @@ def _layers_main(argv: Sequence[str]) -> int:
     if args.stages_only:
         rows = [r for r in rows if r.get("stage")]
     print(format_layers(rows))
+    from .model_view import StagesNotFoundError, format_stages, model_view
+
+    try:
+        print("\n" + format_stages(model_view(model)))
+    except StagesNotFoundError as err:
+        print(f"\nno stages found: {err}")
     return 0
 
 

@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,17 @@ class ExitSpec:
     num_classes: int
     num_prefix_tokens: int = 0
     bottleneck: str = "conv"  # exits saved before "sepconv" existed have no such field
+    # token grids at the probe (hf_distill.model_view), for tokens compared as maps (hierarchical token
+    # models, tokens facing maps); None: square
+    in_grid: Optional[tuple[int, int]] = None
+    out_grid: Optional[tuple[int, int]] = None
+    out_prefix: Optional[int] = None  # the deepest feature's prefix tokens (None: num_prefix_tokens)
+    as_map: bool = False  # compare maps even between tokens (another exit of the model changes the token count)
+
+    def __post_init__(self):
+        for f in ("in_grid", "out_grid", "in_shape", "out_shape"):
+            if getattr(self, f) is not None:
+                setattr(self, f, tuple(getattr(self, f)))
 
 
 BOTTLENECKS = ("sepconv", "conv")
@@ -58,6 +69,23 @@ def _channels(shape, layout) -> int:
     return shape[-1] if layout in (NHWC, TOKENS) else shape[1]
 
 
+def _spatial(shape, layout, grid, prefix) -> int:
+    if layout == NCHW:
+        return shape[-2]
+    if layout == NHWC:
+        return shape[1]
+    return grid[0] if grid is not None else max(1, math.isqrt(max(shape[1] - prefix, 1)))
+
+
+def _grid_for(t: torch.Tensor, prefix: int, grid) -> Optional[tuple[int, int]]:
+    return tuple(grid) if grid is not None and t.shape[1] - prefix == grid[0] * grid[1] else None
+
+
+def tokens_as_map(t: torch.Tensor, layout: str, prefix: int, grid=None) -> torch.Tensor:
+    """``to_nchw`` on the probe's (possibly non-square) token grid when the count is the probe's."""
+    return to_nchw(t, layout, prefix, grid_size=_grid_for(t, prefix, grid) if layout == TOKENS else None)
+
+
 class ExitHead(nn.Module):
     """Bottleneck to the deepest feature's shape, then pooling + linear classifier."""
 
@@ -65,15 +93,20 @@ class ExitHead(nn.Module):
         super().__init__()
         self.spec = spec
         c_in, c_out = _channels(spec.in_shape, spec.in_layout), _channels(spec.out_shape, spec.out_layout)
-        self.tokens = spec.in_layout == TOKENS and spec.out_layout == TOKENS
+        out_prefix = spec.num_prefix_tokens if spec.out_prefix is None else spec.out_prefix
+        self.out_prefix = out_prefix
+        # tokens stay tokens when the exit's and the deepest token counts agree (ViT); hierarchical token
+        # models (Swin, PVT ...) compare maps on their grids
+        self.tokens = (spec.in_layout == TOKENS and spec.out_layout == TOKENS and not spec.as_map
+                       and spec.in_shape[1] - spec.num_prefix_tokens == spec.out_shape[1] - out_prefix)
         if self.tokens:
             self.bottleneck = nn.Sequential(nn.LayerNorm(c_in), nn.Linear(c_in, c_out))
             self.norm = nn.LayerNorm(c_out)
         else:
             if spec.bottleneck not in BOTTLENECKS:
                 raise ValueError(f"exit bottleneck must be one of {BOTTLENECKS}, got '{spec.bottleneck}'")
-            h_in = spec.in_shape[-2] if spec.in_layout == NCHW else spec.in_shape[1]
-            h_out = spec.out_shape[-2] if spec.out_layout == NCHW else spec.out_shape[1]
+            h_in = _spatial(spec.in_shape, spec.in_layout, spec.in_grid, spec.num_prefix_tokens)
+            h_out = _spatial(spec.out_shape, spec.out_layout, spec.out_grid, out_prefix)
             steps = max(0, int(math.floor(math.log2(max(h_in, 1) / max(h_out, 1)) + 1e-6)))
             layers: list[nn.Module] = []
             c = c_in
@@ -103,6 +136,11 @@ class ExitHead(nn.Module):
         if self.tokens:
             return None
         s = self.spec
+        if s.out_layout == TOKENS:
+            if s.out_grid is not None:
+                return tuple(s.out_grid)
+            side = max(1, math.isqrt(max(s.out_shape[1] - self.out_prefix, 1)))
+            return side, side
         return (s.out_shape[-2], s.out_shape[-1]) if s.out_layout == NCHW else (s.out_shape[1], s.out_shape[2])
 
     def features(self, h: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
@@ -110,7 +148,7 @@ class ExitHead(nn.Module):
         (the deepest feature's actual size; default: its size in the probe the exit was built from)."""
         if self.tokens:
             return self.bottleneck(h)
-        y = self.bottleneck(to_nchw(h, self.spec.in_layout, self.spec.num_prefix_tokens))
+        y = self.bottleneck(tokens_as_map(h, self.spec.in_layout, self.spec.num_prefix_tokens, self.spec.in_grid))
         size = tuple(size) if size is not None else self.target_size()
         if tuple(y.shape[-2:]) != size:
             y = F.adaptive_avg_pool2d(y, size)
@@ -127,9 +165,11 @@ class ExitHead(nn.Module):
         return self.classify(f), f
 
 
-def deepest_target(f_k: torch.Tensor, layout: str, num_prefix_tokens: int = 0) -> torch.Tensor:
-    """The deepest feature F_K in the layout exits produce (NCHW maps, or tokens as they are)."""
-    return f_k if layout == TOKENS else to_nchw(f_k, layout, num_prefix_tokens)
+def deepest_target(f_k: torch.Tensor, layout: str, num_prefix_tokens: int = 0, as_map: bool = False,
+                   grid=None) -> torch.Tensor:
+    """The deepest feature F_K in the layout exits produce (NCHW maps, or tokens as they are unless
+    ``as_map``: the exits compare maps)."""
+    return f_k if layout == TOKENS and not as_map else tokens_as_map(f_k, layout, num_prefix_tokens, grid)
 
 
 class MultiExitModel(nn.Module):
@@ -137,12 +177,16 @@ class MultiExitModel(nn.Module):
 
     def __init__(self, student: nn.Module, exits: nn.ModuleList, stage_names: Sequence[str], staged=None):
         super().__init__()
-        from .stages import split_model
+        from .model_view import run_from_middle
 
         self.student = student
         self.exits = exits
-        # ``staged``: a StagedModel for models whose split must be declared (stem / head modules)
-        self.staged = staged if staged is not None else split_model(student, stage_names=list(stage_names))
+        # ``staged``: a StagedModel (hand-written or declared split) or a verified MiddleRunner
+        staged = staged if staged is not None else run_from_middle(student, list(stage_names))
+        if isinstance(staged, nn.Module):
+            self.staged = staged
+        else:  # a MiddleRunner is not a module (it must not register the student twice)
+            self.__dict__["staged"] = staged
         if len(exits) != len(self.staged) - 1:
             raise ValueError(f"{len(exits)} exits for {len(self.staged)} stages: need one per stage but the last")
 
@@ -156,7 +200,8 @@ class MultiExitModel(nn.Module):
         if early_exit_threshold is not None:
             mode = "early_exit"
         if mode == "deepest":
-            return self.staged(pixel_values)
+            return self.staged(pixel_values) if isinstance(self.staged, nn.Module) else \
+                self.staged.run_with_exits(pixel_values, lambda i, h: None)
         if mode == "ensemble":
             return self._ensemble(pixel_values)
         if mode == "early_exit":
@@ -166,6 +211,12 @@ class MultiExitModel(nn.Module):
         raise ValueError(f"mode must be 'deepest', 'ensemble' or 'early_exit', got '{mode}'")
 
     def _ensemble(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.staged, nn.Module):  # one forward of the model's own, exits on its stages
+            probs = []
+            last = self.staged.run_with_exits(
+                x, lambda i, h: probs.append(self.exits[i](h)[0].float().softmax(-1)) if i < len(self.exits) else None)
+            probs.append(last.float().softmax(-1))
+            return torch.stack(probs).mean(0).log()
         h = self.staged.stem(x)
         probs = []
         for i in range(len(self.staged)):
@@ -176,6 +227,8 @@ class MultiExitModel(nn.Module):
         return torch.stack(probs).mean(0).log()
 
     def _early_exit(self, x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(self.staged, nn.Module):
+            return self._early_exit_hooked(x, threshold)
         n = x.shape[0]
         h = self.staged.stem(x)
         idx = torch.arange(n, device=x.device)  # samples still being computed
@@ -197,6 +250,30 @@ class MultiExitModel(nn.Module):
             if idx.numel() == 0:
                 break
         return logits_out, exit_used
+
+    def _early_exit_hooked(self, x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # the model's own forward; after each exit's stage the exited rows are dropped from the batch
+        n = x.shape[0]
+        state = {"idx": torch.arange(n, device=x.device), "out": None}
+        exit_used = torch.full((n,), len(self.exits), dtype=torch.long, device=x.device)
+
+        def on_stage(i, h):
+            if i >= len(self.exits):
+                return None
+            z = self.exits[i](h)[0]
+            done = z.float().softmax(-1).amax(-1) >= threshold
+            if not done.any():
+                return None
+            idx = state["idx"]
+            state["out"] = _scatter(state["out"], idx[done], z[done], n)
+            exit_used[idx[done]] = i
+            state["idx"] = idx[~done]
+            return ~done
+
+        z = self.staged.run_with_exits(x, on_stage)
+        if z is not None:
+            state["out"] = _scatter(state["out"], state["idx"], z, n)
+        return state["out"], exit_used
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -225,8 +302,7 @@ class MultiExitModel(nn.Module):
             raise FileNotFoundError(f"{folder} has no {EXITS_CONFIG}: it is a plain model, load it with load_model")
         config = json.loads(config_path.read_text())
         student = load_model(str(folder), **load_kw)
-        specs = [ExitSpec(**{**e, "in_shape": tuple(e["in_shape"]), "out_shape": tuple(e["out_shape"])})
-                 for e in config["exits"]]
+        specs = [ExitSpec(**e) for e in config["exits"]]
         exits = nn.ModuleList(ExitHead(s) for s in specs)
         exits.load_state_dict(safetensors.torch.load_file(str(folder / EXITS_WEIGHTS)))
         return cls(student, exits, config["stage_names"]).eval()

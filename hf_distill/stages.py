@@ -14,6 +14,14 @@ the split reproduces the model's own ``forward`` operation by operation, so
 of stage ``i`` is exactly the output of the module named ``stage_names[i]`` in the normal forward
 (forward hooks registered on those names see the same tensors).
 
+Why these hand-written splits remain: stages themselves are found for any model by
+:mod:`hf_distill.model_view` (from what timm / transformers declare), and any model can be run from
+the middle by :class:`hf_distill.model_view.MiddleRunner` (its own forward, the stage output
+substituted, verified on a probe). But that runner also computes the stages before the branch point
+(without gradients, on a stand-in input); a split written out here runs only the later stages, so SFTN
+branches and early exit are cheaper for these families, and :func:`hf_distill.model_view.run_from_middle`
+uses it first.
+
 Built-in families (detected by class, never by instance name), as ``stem | stages | head``:
 
 * timm ``ResNet`` (ResNet, ResNet-D, WideResNet ...): conv1, bn1, act1, maxpool | layer1 .. layer4 |
@@ -40,7 +48,7 @@ For these, ``stage_names`` alone regroups the built-in units (``["layer2", "laye
 A subclass that overrides ``forward`` / ``forward_features`` is not treated as built-in.
 
 Anything else can be split by declaring it: ``split_model(model, stage_names=[...], stem=[...],
-head=[...])`` (``stage_modules`` / ``stem_modules`` / ``head_modules`` in the arguments), each a
+head=[...])``, each a
 sequence of module names applied in order; see :class:`UnsupportedModelError`.
 
 timm's ``grad_checkpointing`` flag is ignored: the split runs the stages plainly (same values, more
@@ -92,25 +100,18 @@ PSEUDO_MODULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "avgpool": _pseudo_avgpool,
 }
 
-_DECLARE_HELP = """\
-Declare the split with the arguments `stage_modules`, `stem_modules` and `head_modules` \
-(in Python: `split_model(model, stage_names=..., stem=..., head=...)`). Each is a sequence of \
-module names as they appear in `model.named_modules()`, applied in order: the model's forward \
-must be equivalent to `stem modules -> stage modules -> head modules`, each module taking the \
-previous one's output. Stage i is the single module `stage_modules[i]`; its output is what \
-stage-based methods see. `stem_modules` may be empty; `head_modules` may use the pseudo-names \
-"flatten" (torch.flatten(h, 1)) and "avgpool" (global average pool to [B, C]). Example for \
-torchvision's resnet18:
-    stem_modules:  [conv1, bn1, relu, maxpool]
-    stage_modules: [layer1, layer2, layer3, layer4]
-    head_modules:  [avgpool, flatten, fc]"""
+# One line, naming only what exists: split_model's keywords (the trainer finds stages itself, see
+# hf_distill.model_view, and runs models from the middle without a split where none is written here).
+_DECLARE_HELP = ("declare it: split_model(model, stage_names=[...], stem=[...], head=[...]), module names as in "
+                 "model.named_modules() applied in order (head may use 'flatten', 'avgpool'; `hf-distill layers "
+                 "MODEL` lists them)")
 
 
 class UnsupportedModelError(ValueError):
     """The model is not a built-in family and no (valid) stem / stages / head split was declared.
 
-    The message explains how to declare one with ``stage_modules``, ``stem_modules`` and
-    ``head_modules`` (``split_model(model, stage_names=..., stem=..., head=...)``).
+    The message (one line) says how to declare one: ``split_model(model, stage_names=..., stem=...,
+    head=...)``.
     """
 
 
@@ -307,8 +308,8 @@ def _build_from_spec(model, spec: _Spec, stage_names, num_groups) -> StagedModel
         if bad or not ends_names:
             raise UnsupportedModelError(
                 f"{type(model).__name__} ({spec.family}): stage names {bad or ends_names} cannot end a "
-                f"stage of the built-in split. Valid stage names, in order: {spec.candidates}. "
-                "To split the model differently, declare stem and head as well. " + _DECLARE_HELP
+                f"stage of the built-in split (valid, in order: {spec.candidates}); to split it otherwise, "
+                + _DECLARE_HELP
             )
         idx = [index[n] for n in ends_names]
         if any(b <= a for a, b in zip(idx, idx[1:])):
@@ -559,7 +560,7 @@ def _find_family(model: nn.Module):
                 if base_fn is not None and getattr(type(model), meth, None) is not base_fn:
                     raise UnsupportedModelError(
                         f"{type(model).__name__} subclasses {base.__module__}.{base.__name__} but overrides "
-                        f"`{meth}`, so the built-in {base.__name__} split may not reproduce it. " + _DECLARE_HELP
+                        f"`{meth}`, so the built-in {base.__name__} split may not reproduce it; " + _DECLARE_HELP
                     )
             return make_spec
     return None
@@ -580,8 +581,8 @@ def _check_names(model: nn.Module, names: Sequence[str], what: str, allow_pseudo
     if bad:
         children = [n for n, _ in model.named_children()]
         raise UnsupportedModelError(
-            f"{type(model).__name__}: unknown module name(s) {bad} in {what}. Top-level children: {children}. "
-            + _DECLARE_HELP
+            f"{type(model).__name__}: unknown module name(s) {bad} in {what} (top-level children: "
+            f"{', '.join(children[:8])}); " + _DECLARE_HELP
         )
 
 
@@ -619,35 +620,32 @@ def split_model(
 
     if stem is not None or head is not None:
         if stage_names is None or stem is None or head is None:
-            declared = (("stage_modules", stage_names), ("stem_modules", stem), ("head_modules", head))
+            declared = (("stage_names", stage_names), ("stem", stem), ("head", head))
             missing = [n for n, v in declared if v is None]
             raise UnsupportedModelError(
-                f"{type(model).__name__}: incomplete split declaration, missing {missing}. " + _DECLARE_HELP
+                f"{type(model).__name__}: incomplete split declaration, missing {missing}; " + _DECLARE_HELP
             )
-        for what, names in (("stage_modules", stage_names), ("stem_modules", stem), ("head_modules", head)):
+        for what, names in (("stage_names", stage_names), ("stem", stem), ("head", head)):
             if isinstance(names, str):
                 raise UnsupportedModelError(f"{what} must be a sequence of module names, got the string {names!r}")
         if len(stage_names) == 0:
-            raise UnsupportedModelError(f"{type(model).__name__}: `stage_modules` is empty. " + _DECLARE_HELP)
-        _check_names(model, stem, "stem_modules", allow_pseudo=True)
-        _check_names(model, stage_names, "stage_modules", allow_pseudo=False)
-        _check_names(model, head, "head_modules", allow_pseudo=True)
+            raise UnsupportedModelError(f"{type(model).__name__}: `stage_names` is empty; " + _DECLARE_HELP)
+        _check_names(model, stem, "stem", allow_pseudo=True)
+        _check_names(model, stage_names, "stage_names", allow_pseudo=False)
+        _check_names(model, head, "head", allow_pseudo=True)
         return StagedModel(
             model, list(stem), [[n] for n in stage_names], list(head), list(stage_names), family="declared"
         )
 
     if isinstance(stage_names, str):
-        raise UnsupportedModelError(f"stage_modules must be a sequence of module names, got the string {stage_names!r}")
+        raise UnsupportedModelError(f"stage_names must be a sequence of module names, got the string {stage_names!r}")
     make_spec = _find_family(model)
     if make_spec is None:
         children = [n for n, _ in model.named_children()]
         what = "" if stage_names is None else " (stage names alone are not enough for it)"
+        shown = ", ".join(children[:8]) + (", ..." if len(children) > 8 else "")
         raise UnsupportedModelError(
-            f"Cannot split {type(model).__module__}.{type(model).__name__} into stem / stages / head "
-            f"automatically{what}: it is not a built-in family (timm ResNet, ConvNeXt, "
-            "EfficientNet/MobileNetV2, MobileNetV3, RegNet, VGG, VisionTransformer/DeiT; transformers "
-            f"ResNet/ConvNext/ViT ForImageClassification). Top-level children of this model: {children}. "
-            + _DECLARE_HELP
+            f"no hand-written split for {type(model).__name__}{what} (children: {shown}); " + _DECLARE_HELP
         )
     return _build_from_spec(model, make_spec(model), stage_names, num_groups)
 

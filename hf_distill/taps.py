@@ -659,10 +659,11 @@ def describe_layers(
     (``None``: the model's own size) and ``in_chans`` channels (``None``: from
     :func:`hf_distill.models.input_spec`). Modules whose output holds no tensor and the model
     itself are left out; ``max_depth`` keeps names with at most that many dotted parts. Rows are
-    ``{"name", "type", "shape", "layout", "stage"}``; ``stage`` marks hint-layer candidates:
-    timm ``feature_info`` modules and transformers ``stages.N`` / ``layers.N`` / ``layer.N``;
-    for other models, the modules whose (3-D/4-D) output shape differs from the next output's
-    (blocks rather than single operators when the model has blocks).
+    ``{"name", "type", "shape", "layout", "stage"}``; ``stage`` marks the stages
+    :func:`hf_distill.model_view.model_view` discovers (timm ``feature_info``, transformers hidden
+    states, a plain module's children by output shape); where it finds none, timm ``feature_info``
+    modules and transformers ``stages.N`` / ``layers.N`` / ``layer.N``, else the modules whose
+    (3-D/4-D) output shape differs from the next output's.
     """
     spec = input_spec(model)
     in_chans = int(in_chans or spec.in_chans)
@@ -702,7 +703,12 @@ def describe_layers(
             handle.remove()
     rows = list(seen.values())
 
-    known = _known_stage_names(model)
+    try:  # the stages hf_distill.model_view discovers (what FitNets auto, BYOT and SFTN use)
+        from .model_view import model_view
+
+        known = {s.name for s in model_view(model).stages}
+    except ValueError:
+        known = _known_stage_names(model)
     if known:
         for row in rows:
             row["stage"] = row["name"] in known

@@ -540,7 +540,7 @@ def test_describe_layers_timm_resnet():
     assert by_name["layer1"]["type"] == "Sequential"
     assert by_name["fc"]["layout"] == "vector"
     stages = [r["name"] for r in rows if r["stage"]]
-    assert stages == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    assert stages == ["layer1", "layer2", "layer3", "layer4"]  # the discovered stages (model_view), not the stem
     names = [r["name"] for r in rows]
     assert names.index("conv1.0") < names.index("layer1.0.conv1") < names.index("layer1") < names.index("fc")
     table = format_layers(rows)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..exits import BOTTLENECKS, ExitHead, ExitSpec, MultiExitModel, deepest_target
 from ..losses import kd_loss, soft_kl
-from ..taps import num_prefix_tokens
+from ..taps import TOKENS
 from .base import DistillationMethod, StepOutputs
 from .fitnets import Hints
 
@@ -107,22 +107,30 @@ class BeYourOwnTeacher(DistillationMethod):
                                  "with byot the hints join the loss from the start")
 
     def setup(self, student, teachers):
-        from ..stages import UnsupportedModelError, stage_names
+        from ..model_view import StagesNotFoundError, model_view, run_from_middle
 
-        try:
-            stages = stage_names(student)
-        except UnsupportedModelError as err:
-            raise ValueError(f"byot: cannot find the student's stages to attach exits and take the deepest "
-                             f"feature from.\n{err}") from None
-        self.deepest_layer = stages[-1]
         exits = self.args.byot_exits or []
         exits = [exits] if isinstance(exits, str) else list(exits)
-        self.exit_layers = stages[:-1] if exits in ([], ["auto"]) else exits
+        auto = exits in ([], ["auto"])
+        try:  # training needs the stages' features only (hf_distill.model_view), no split of the model
+            stages = model_view(student).names()
+        except StagesNotFoundError as err:
+            if auto:
+                raise ValueError(f"byot: {err}") from None
+            stages = list(exits)  # named exits; the last one is the deepest feature
+        self.deepest_layer = stages[-1]
+        self.exit_layers = stages[:-1] if auto else [e for e in exits if e != self.deepest_layer]
         if not self.exit_layers:
             raise ValueError("byot: the student has a single stage, there is nowhere to attach an exit")
         self.with_teacher = bool(teachers) or bool(self.args.teacher_cache_dir)
         if self.with_teacher:
             self.description = self.with_teacher_description
+        if self.args.byot_export_exits:  # early-exit inference runs the student from the middle: check it now
+            try:
+                self._runner = run_from_middle(student, [*self.exit_layers, self.deepest_layer])
+            except StagesNotFoundError as err:
+                raise ValueError(f"byot_export_exits: {err}; train without byot_export_exits, or name other "
+                                 "byot_exits") from None
         if self.hints is not None:
             if not teachers:
                 raise ValueError("byot with hint_layers needs a teacher (teacher_model_name_or_path) for the hints")
@@ -138,23 +146,34 @@ class BeYourOwnTeacher(DistillationMethod):
     def build_modules(self, student, teachers, probe):
         from ..models import num_classes_of
 
-        self._prefix = num_prefix_tokens(student)
+        from .fitnets import _token_layout
+
         out_shape, self._deepest_layout = probe["student"][self.deepest_layer]
+        self._prefix, self._deepest_grid = _token_layout(student, self.deepest_layer, out_shape, self._deepest_layout)
         n_classes = num_classes_of(student)
         if n_classes is None:
             raise ValueError("byot needs to know the student's number of classes (num_classes / num_labels)")
         exits = nn.ModuleDict()
+        shapes = {layer: probe["student"][layer] for layer in self.exit_layers}
+        # tokens stay tokens only when every exit has the deepest token count (ViT); otherwise all compare maps
+        self._deepest_as_map = self._deepest_layout != TOKENS or any(
+            layout != TOKENS or shape[1] - _token_layout(student, layer, shape, layout)[0] != out_shape[1] - self._prefix
+            for layer, (shape, layout) in shapes.items())
         for i, layer in enumerate(self.exit_layers):
-            shape, layout = probe["student"][layer]
+            shape, layout = shapes[layer]
+            prefix, grid = _token_layout(student, layer, shape, layout)
             exits[f"exit{i + 1}"] = ExitHead(ExitSpec(layer, shape, layout, out_shape, self._deepest_layout,
-                                                      n_classes, self._prefix, self.args.byot_exit_bottleneck))
+                                                      n_classes, prefix, self.args.byot_exit_bottleneck,
+                                                      in_grid=grid, out_grid=self._deepest_grid,
+                                                      out_prefix=self._prefix, as_map=self._deepest_as_map))
         if self.hints is not None:
             exits.update(self.hints.build(student, teachers, probe))
         return exits
 
     def forward_modules(self, modules, features):
         logits, feats = [], []
-        deepest = deepest_target(features[self.deepest_layer], self._deepest_layout, self._prefix)
+        deepest = deepest_target(features[self.deepest_layer], self._deepest_layout, self._prefix,
+                                 as_map=getattr(self, "_deepest_as_map", False), grid=getattr(self, "_deepest_grid", None))
         size = None if deepest.ndim != 4 else deepest.shape[-2:]  # at run time: images come at any size
         for i, layer in enumerate(self.exit_layers):
             z, f = modules[f"exit{i + 1}"](features[layer], size)
@@ -206,7 +225,9 @@ class BeYourOwnTeacher(DistillationMethod):
     def save(self, student, extras, output_dir) -> None:
         if self.args.byot_export_exits:
             exits = nn.ModuleList(extras[f"exit{i + 1}"] for i in range(len(self.exit_layers)))
-            MultiExitModel(student, exits, [*self.exit_layers, self.deepest_layer]).save_pretrained(output_dir)
+            staged = getattr(self, "_runner", None)
+            MultiExitModel(student, exits, [*self.exit_layers, self.deepest_layer], staged=staged).save_pretrained(
+                output_dir)
 
     def hyperparameters(self):
         a = self.args

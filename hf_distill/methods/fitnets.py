@@ -66,10 +66,12 @@ def parse_hint_layers(value, student: nn.Module | None = None, teacher: nn.Modul
     if items == ["auto"]:
         if student is None or teacher is None:
             return []
-        from ..stages import stage_names
+        from ..model_view import StagesNotFoundError, model_view
 
-        s_names, t_names = stage_names(student), stage_names(teacher)
-        return [(s_names[len(s_names) // 2], t_names[len(t_names) // 2])]
+        try:  # the middle stage of each, from what the libraries declare (hf_distill.model_view)
+            return [(model_view(student).middle(), model_view(teacher).middle())]
+        except StagesNotFoundError as err:
+            raise ValueError(f"hint_layers='auto': {err}") from None
     pairs = []
     for item in items:
         if item.count(":") != 1:
@@ -79,12 +81,34 @@ def parse_hint_layers(value, student: nn.Module | None = None, teacher: nn.Modul
     return pairs
 
 
+def _token_layout(model, layer, shape, layout) -> tuple[int, tuple[int, int] | None]:
+    """Prefix-token count and probe grid of a token layer: the model view's where the layer is one of its
+    stages (counted from the model's own output), else ``num_prefix_tokens`` and a square grid."""
+    if layout != TOKENS:
+        return 0, None
+    from ..model_view import StagesNotFoundError, model_view
+
+    try:
+        stage = model_view(model).stage(layer)
+        if stage.shape[1] == shape[1]:
+            return stage.num_prefix_tokens, stage.grid
+    except (StagesNotFoundError, KeyError):
+        pass
+    return num_prefix_tokens(model), None
+
+
+def _grid_for(t: torch.Tensor, prefix: int, grid) -> tuple[int, int] | None:
+    # the probe's grid when the token count is the probe's (a non-square grid included), else square
+    return tuple(grid) if grid is not None and t.shape[1] - prefix == grid[0] * grid[1] else None
+
+
 class HintRegressor(nn.Module):
     """Maps a student feature to the teacher's hint shape (and brings the hint to a common layout)."""
 
     def __init__(self, s_shape, s_layout, t_shape, t_layout, s_prefix=0, t_prefix=0):
         super().__init__()
         self.s_layout, self.t_layout, self.s_prefix, self.t_prefix = s_layout, t_layout, s_prefix, t_prefix
+        self.s_grid = self.t_grid = None  # token grids at the probe (set by Hints.build from the model views)
         if VECTOR in (s_layout, t_layout):
             if s_layout != t_layout:
                 raise ValueError(f"cannot regress a {s_layout} feature {s_shape} onto a {t_layout} hint {t_shape}")
@@ -108,7 +132,7 @@ class HintRegressor(nn.Module):
         if self.mode == "tokens":
             return t[:, self.t_prefix:]
         if self.mode == "map":
-            return to_nchw(t, self.t_layout, self.t_prefix)
+            return to_nchw(t, self.t_layout, self.t_prefix, grid_size=_grid_for(t, self.t_prefix, self.t_grid))
         return t
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
@@ -118,7 +142,7 @@ class HintRegressor(nn.Module):
             return self.proj(s[:, self.s_prefix:])
         if self.mode == "vector":
             return self.proj(s)
-        return self.proj(to_nchw(s, self.s_layout, self.s_prefix))
+        return self.proj(to_nchw(s, self.s_layout, self.s_prefix, grid_size=_grid_for(s, self.s_prefix, self.s_grid)))
 
     def align(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``pred`` resized to the hint's actual spatial size (images come at any size, not only the probe's)."""
@@ -155,11 +179,13 @@ class Hints:
 
     def build(self, student, teachers, probe) -> dict[str, nn.Module]:
         regs = {}
-        s_prefix, t_prefix = num_prefix_tokens(student), num_prefix_tokens(teachers[0])
         for key, (s, t) in zip(self.keys(), self.pairs):
             (s_shape, s_layout), (t_shape, t_layout) = probe["student"][s], probe["teacher"][t]
+            s_prefix, s_grid = _token_layout(student, s, s_shape, s_layout)
+            t_prefix, t_grid = _token_layout(teachers[0], t, t_shape, t_layout)
             try:
                 regs[key] = HintRegressor(s_shape, s_layout, t_shape, t_layout, s_prefix, t_prefix)
+                regs[key].s_grid, regs[key].t_grid = s_grid, t_grid
             except ValueError as err:
                 raise ValueError(f"hint pair {s}:{t}: {err}") from None
         return regs

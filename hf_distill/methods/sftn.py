@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..losses import soft_kl
-from ..taps import NCHW, NHWC, TOKENS, num_prefix_tokens, resize_map, to_nchw
+from ..taps import NCHW, NHWC, TOKENS, resize_map, to_nchw
 from .base import DistillationMethod, StepOutputs
 
 
@@ -64,11 +64,13 @@ class TransformLayer(nn.Module):
     the probe found (images come at any size); a student with a fixed token grid (ViT) keeps it.
     """
 
-    def __init__(self, t_shape, t_layout, t_prefix, s_shape, s_layout, s_prefix, s_fixed_size: bool = False):
+    def __init__(self, t_shape, t_layout, t_prefix, s_shape, s_layout, s_prefix, s_fixed_size: bool = False,
+                 t_grid=None, s_grid=None):
         super().__init__()
         self.t_layout, self.t_prefix, self.s_layout, self.s_prefix = t_layout, t_prefix, s_layout, s_prefix
-        self.size = _grid(s_shape, s_layout, s_prefix)
-        t_grid = _grid(t_shape, t_layout, t_prefix)
+        self.size = tuple(s_grid) if s_grid is not None else _grid(s_shape, s_layout, s_prefix)
+        self.t_grid = tuple(t_grid) if t_grid is not None else None
+        t_grid = self.t_grid or _grid(t_shape, t_layout, t_prefix)
         self.fixed = s_fixed_size or s_layout == TOKENS
         self.ratio = (self.size[0] / t_grid[0], self.size[1] / t_grid[1])
         c_t, c_s = _channels(t_shape, t_layout), _channels(s_shape, s_layout)
@@ -81,7 +83,9 @@ class TransformLayer(nn.Module):
             self.proj = nn.Sequential(nn.Conv2d(c_t, c_s, 1, bias=False), nn.BatchNorm2d(c_s), nn.ReLU(inplace=True))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        y = self.proj(to_nchw(h, self.t_layout, self.t_prefix))
+        grid = self.t_grid if self.t_grid and h.ndim == 3 and h.shape[1] - self.t_prefix == \
+            self.t_grid[0] * self.t_grid[1] else None
+        y = self.proj(to_nchw(h, self.t_layout, self.t_prefix, grid_size=grid))
         if self.fixed:
             size = self.size
         else:
@@ -100,16 +104,27 @@ class TransformLayer(nn.Module):
 class StudentBranch(nn.Module):
     """Transform layer + a fresh copy of the student's stages ``start..K-1`` and head."""
 
-    def __init__(self, transform: TransformLayer, student_stages, start: int):
+    def __init__(self, transform: TransformLayer, student_stages, start: int, stage=None):
         super().__init__()
         self.transform = transform
-        self.student = student_stages  # a StagedModel over this branch's own student copy
+        if isinstance(student_stages, nn.Module):  # a StagedModel over this branch's own student copy
+            self.student = student_stages
+        else:  # a MiddleRunner: register its copy of the student, keep the runner as a plain attribute
+            self.student = student_stages.model
+            self.__dict__["runner"] = student_stages
         self.start = start
+        self.stage = stage  # the student stage the branch starts after (its reduction sizes the stand-in input)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        from ..model_view import stage_image_size
         from ..models import logits_of
 
-        return logits_of(self.student.forward_from(self.start, self.transform(h)))
+        s = self.transform(h)
+        runner = self.__dict__.get("runner")
+        if runner is None:
+            return logits_of(self.student.forward_from(self.start, s))
+        runner.model = self.student  # the registered copy (also after deepcopy / .to())
+        return runner.forward_from(self.start, s, stage_image_size(self.stage, s))
 
 
 class SFTN(DistillationMethod):
@@ -148,8 +163,6 @@ class SFTN(DistillationMethod):
 
     def setup(self, teacher, teachers):
         from ..models import input_spec, load_model, num_classes_of, set_input_spec
-        from ..stages import UnsupportedModelError, stage_names
-
         from ..models import has_distillation_head
 
         if has_distillation_head(teacher):
@@ -163,12 +176,17 @@ class SFTN(DistillationMethod):
             from dataclasses import replace
 
             set_input_spec(self.student_arch, replace(s_spec, image_size=spec.image_size))
-        try:
-            k = min(len(stage_names(teacher)), len(stage_names(self.student_arch)))
-            self.stage_names = stage_names(teacher, num_groups=k)
-            self.student_stage_names = stage_names(self.student_arch, num_groups=k)
-        except UnsupportedModelError as err:
-            raise ValueError(f"sftn: both teacher and student must split into stages.\n{err}") from None
+        from ..model_view import StagesNotFoundError, model_view, run_from_middle
+
+        try:  # stages from what the libraries declare (hf_distill.model_view)
+            t_view, s_view = model_view(teacher), model_view(self.student_arch)
+            k = min(len(t_view.names()), len(s_view.names()))
+            self.stage_names = t_view.names(num_groups=k)
+            self.student_stage_names = s_view.names(num_groups=k)
+            if k >= 2:  # the branches run the student from its middle: checked now, on a probe
+                run_from_middle(self.student_arch, self.student_stage_names)
+        except StagesNotFoundError as err:
+            raise ValueError(f"sftn: {err}; pick another sftn_student_model") from None
         self.k = k
         if k < 2:
             raise ValueError("sftn needs models with at least 2 stages")
@@ -177,22 +195,27 @@ class SFTN(DistillationMethod):
         return self.stage_names[:-1]  # branch points on the model being trained (the teacher)
 
     def build_modules(self, teacher, teachers, probe):
+        from ..model_view import model_view, run_from_middle
         from ..models import input_spec
-        from ..stages import split_model
         from ..taps import probe_features
+        from .fitnets import _token_layout
 
         spec = input_spec(self.student_arch)
         example = torch.zeros(2, spec.in_chans, *spec.image_size)
         s_probe = probe_features(self.student_arch, self.student_stage_names[:-1], example)
-        t_prefix, s_prefix = num_prefix_tokens(teacher), num_prefix_tokens(self.student_arch)
+        s_view = model_view(self.student_arch)
         branches = nn.ModuleDict()
         for i, layer in enumerate(self.stage_names[:-1]):
             t_shape, t_layout = probe["student"][layer]
-            s_shape, s_layout = s_probe[self.student_stage_names[i]]
-            transform = TransformLayer(t_shape, t_layout, t_prefix, s_shape, s_layout, s_prefix, spec.fixed_size)
+            s_name = self.student_stage_names[i]
+            s_shape, s_layout = s_probe[s_name]
+            t_prefix, t_grid = _token_layout(teacher, layer, t_shape, t_layout)
+            s_prefix, s_grid = _token_layout(self.student_arch, s_name, s_shape, s_layout)
+            transform = TransformLayer(t_shape, t_layout, t_prefix, s_shape, s_layout, s_prefix, spec.fixed_size,
+                                       t_grid=t_grid, s_grid=s_grid)
             copy_ = copy.deepcopy(self.student_arch)
-            staged = split_model(copy_, stage_names=self.student_stage_names)
-            branch = StudentBranch(transform, staged, i + 1)
+            staged = run_from_middle(copy_, self.student_stage_names)
+            branch = StudentBranch(transform, staged, i + 1, s_view.stage(s_name))
             _freeze_unused(branch, probe["student"][layer][0])
             branches[f"branch{i + 1}"] = branch
         return branches
