@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import input_spec, is_timm_model, is_transformers_model, set_input_spec
+from .models import _pair, input_spec, is_timm_model, is_transformers_model, set_input_spec
 
 FEATURE_TARGETS = ("summary", "spatial")
 
@@ -86,10 +86,6 @@ def token_grid(n: int, image_size: Sequence[int], patch=None) -> tuple[int, int]
         return _grid(n, None, 0, image_size=tuple(image_size[-2:]))
     except ValueError as err:
         raise FeatureExtractionError(str(err)) from None
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[-1]))
 
 
 def _output_fields(out) -> set[str]:

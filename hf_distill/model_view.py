@@ -40,11 +40,12 @@ import torch
 from torch import nn
 
 from .models import input_spec, is_timm_model, is_transformers_model, logits_of
+from .stages import even_ends
 from .taps import NCHW, NHWC, TOKENS, VECTOR, FeatureTaps, _DryRun, _first_param, default_call, feature_tensor, \
     resolve_module, to_nchw
 
 __all__ = ["Stage", "ModelView", "StagesNotFoundError", "MiddleRunner", "model_view", "token_grid",
-           "tokens_to_map", "run_from_middle", "stage_image_size", "format_stages", "even_pick"]
+           "tokens_to_map", "run_from_middle", "stage_image_size", "format_stages"]
 
 
 # what a user can pass instead when no stages are found (trainer arguments, or a list on the model)
@@ -79,7 +80,7 @@ class ModelView:
         """Stage module names: all (hierarchical models) or 4 evenly spaced (isotropic), or ``num_groups``."""
         names = [s.name for s in self.stages]
         k = num_groups if num_groups is not None else (4 if self.isotropic else None)
-        return names if k is None or k >= len(names) else [names[j] for j in even_pick(len(names), k)]
+        return names if k is None or k >= len(names) else [names[j] for j in even_ends(len(names), k)]
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -108,17 +109,6 @@ def format_stages(view: "ModelView") -> str:
     lines.append(f"stages from {view.source} at {view.image_size[0]}x{view.image_size[1]}; * = used by default "
                  f"(FitNets auto: {view.middle()}; BYOT exits after all but the last)")
     return "\n".join(lines)
-
-
-def even_pick(n: int, k: int) -> list[int]:
-    """Indices of the ends of ``k`` groups of ``n`` items as even as possible (the last item always)."""
-    k = max(1, min(k, n))
-    base, rem = divmod(n, k)
-    ends, pos = [], -1
-    for g in range(k):
-        pos += base + (1 if g < rem else 0)
-        ends.append(pos)
-    return ends
 
 
 def token_grid(n_tokens: int, image_size: Sequence[int] | None, reduction: float | None,

@@ -280,7 +280,7 @@ class _Spec:
         self.default_groups = default_groups
 
 
-def _even_ends(n: int, k: int) -> list[int]:
+def even_ends(n: int, k: int) -> list[int]:
     """Indices (into a list of ``n``) of the ends of ``k`` groups as even as possible."""
     k = max(1, min(k, n))
     base, rem = divmod(n, k)
@@ -301,7 +301,7 @@ def _build_from_spec(model, spec: _Spec, stage_names, num_groups) -> StagedModel
         else:
             if k < 1:
                 raise ValueError(f"num_groups must be >= 1, got {k}")
-            ends_names = [spec.candidates[j] for j in _even_ends(len(spec.candidates), k)]
+            ends_names = [spec.candidates[j] for j in even_ends(len(spec.candidates), k)]
     else:
         ends_names = list(stage_names)
         bad = [n for n in ends_names if n not in spec.candidates]
