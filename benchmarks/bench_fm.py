@@ -89,7 +89,7 @@ from torch import nn  # noqa: E402
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, load_model  # noqa: E402
 from hf_distill.mixing import BatchMixer, EpochOrderedDataset  # noqa: E402
 from hf_distill.models import count_parameters  # noqa: E402
-from hf_distill.trainer import teacher_metrics  # noqa: E402
+from hf_distill.training.evaluation import teacher_metrics  # noqa: E402
 
 log = logging.getLogger("bench")
 

@@ -12,7 +12,7 @@ Rows, per pair and variant (``eager``; ``channels_last``: student, teachers and 
 channels-last for CNNs):
 
 * ``hf student``: ``DistillationTrainer(distill_method="supervised")``, the student alone;
-* ``hf teacher``: the teacher's inference as the trainer runs it (``hf_distill.teacher.Teachers``: input
+* ``hf teacher``: the teacher's inference as the trainer runs it (``hf_distill.teachers.Teachers``: input
   adapter, bf16 weights under bf16 autocast, compiled for the compiled variant);
 * ``hf kd``: ``distill_method="kd"`` with the live teacher; the table adds the additive bound
   ``1 / (1/student + 1/teacher)`` of the same variant (the teacher's forward simply added to the student step)
@@ -143,7 +143,7 @@ def run(config: str, a, device: str, sharding: str = "none", variant: str = "eag
 def teacher_inference(a, device: str, variant: str = "eager") -> dict:
     """The teacher as the trainer runs it: ``Teachers`` (adapter, teacher_dtype weights, autocast), no autograd."""
     from hf_distill.models import input_spec
-    from hf_distill.teacher import Teachers
+    from hf_distill.teachers import Teachers
 
     compiled, channels_last = _flags(a, variant)
     student, teacher = _models(a, True)

@@ -89,7 +89,7 @@ def _sharded_worker(sharding: str, out: str) -> None:
     from hf_distill import DistillationTrainer, DistillationTrainingArguments
     from hf_distill.data import digits_dataset, with_image_transform
     from hf_distill.models import InputSpec, set_input_spec
-    from hf_distill.sharding import local_parameter_count
+    from hf_distill.teachers.sharding import local_parameter_count
     from transformers import TrainerCallback
 
     torch.set_num_threads(1)

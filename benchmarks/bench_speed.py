@@ -1020,7 +1020,7 @@ def main(argv=None):
            C.md_table(["image", "supervised dataset ms/batch", "cached dataset ms/batch", "difference"], data_rows), ""]
 
     # part 2
-    from hf_distill.teacher import Teachers
+    from hf_distill.teachers import Teachers
 
     from hf_distill.taps import FeatureTaps
 

@@ -19,7 +19,7 @@ Ratio = hf_distill / timm, paired per repetition, median over repetitions.
 
 Compiled / eager on CPU (inductor, ``TORCHINDUCTOR_COMPILE_THREADS=1``): the student's training step
 (``distill_method="supervised"``, ``torch_compile=True``) and the teacher's inference
-(:meth:`hf_distill.teacher.Teachers.compile`), interleaved the same way; compilation happens in the
+(:meth:`hf_distill.teachers.Teachers.compile`), interleaved the same way; compilation happens in the
 warm-up and is reported apart.
 """
 
@@ -173,7 +173,7 @@ class TeacherRun:
 
     def __init__(self, teacher, student, batches, compiled):
         from hf_distill.models import input_spec
-        from hf_distill.teacher import Teachers
+        from hf_distill.teachers import Teachers
 
         self.teachers = Teachers([C.fresh(teacher)], input_spec(student))
         if compiled:

@@ -17,7 +17,7 @@ _EXPORTS = {
     "InputSpec": ".models",
     "load_model": ".models",
     "set_input_spec": ".models",
-    "DistillationModel": ".trainer",
+    "DistillationModel": ".training",
     "DistillationTrainer": ".trainer",
 }
 

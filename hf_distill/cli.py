@@ -408,7 +408,7 @@ def load_knn_split(data_args, seed: int, cache_dir: str | None = None):
 def check_teacher_classes(student, teachers, data_args) -> None:
     """The label-space check, with advice a command-line user can follow."""
     from .models import num_classes_of
-    from .teacher import LabelSpaceError, check_label_spaces
+    from .teachers import LabelSpaceError, check_label_spaces
 
     try:
         check_label_spaces(student, teachers)

@@ -223,3 +223,33 @@ class EpochOrderedDataset(torch.utils.data.Dataset):
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
         return [{**item, "mix_epoch": self.epoch, "mix_position": int(p)} for item, p in zip(items, positions)]
+
+
+def mix_batch(mixer: BatchMixer, inputs: dict, batch_size: int, dataset_length: int, num_processes: int = 1):
+    """A training batch mixed once (student and teachers see the same images), and its mixed soft labels.
+
+    The batch carries its positions in the epoch order (``EpochOrderedDataset``): where it sits decides its
+    mixing; a teacher-output cache's batch carries the parameters its teacher saw, which are replayed."""
+    x, labels = inputs["pixel_values"], inputs.get("labels")
+    positions, epochs = inputs.get("mix_position"), inputs.get("mix_epoch")
+    if positions is None:
+        raise RuntimeError("mixed training needs batches in the epoch order (EpochOrderedDataset); a custom "
+                           "sampler or collator dropped it")
+    start = int(positions[0])
+    expected = torch.arange(start, start + len(positions), device=positions.device)
+    in_order = not start % batch_size and torch.equal(positions, expected)
+    if not in_order and num_processes > 1 and "mix_lam" not in inputs:
+        # accelerate's even_batches completed the epoch's last round with samples from the epoch's start: a
+        # batch of its own, mixed within itself by draws of its own (past the epoch's batch indices)
+        batches = -(-dataset_length // batch_size)
+        params = mixer.params(int(epochs[0]), batches + start, x.shape)
+    elif not in_order:
+        raise RuntimeError(f"a mixed batch must be a run of consecutive positions starting at a multiple of the "
+                           f"batch size ({batch_size}); got positions {positions.tolist()[:4]}...")
+    elif "mix_lam" in inputs:  # a teacher-output cache: the parameters its teacher saw, replayed
+        boxes = [tuple(int(v) for v in b) if b[0] >= 0 else None for b in inputs["mix_box"].tolist()]
+        params = MixParams(lam=[float(v) for v in inputs["mix_lam"].tolist()],
+                           partner=[int(p) - start for p in inputs["mix_partner"].tolist()], boxes=boxes)
+    else:
+        params = mixer.params(int(epochs[0]), start // batch_size, x.shape)
+    return mixer.apply(x, params), (mixer.targets(labels, params) if labels is not None else None)

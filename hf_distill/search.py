@@ -200,3 +200,57 @@ def check_backend(backend: str) -> None:
     module = "optuna" if backend == "optuna" else "ray"
     if importlib.util.find_spec(module) is None:
         raise ImportError(f"the {backend} backend is not installed: pip install 'hf_distill[{backend}]'")
+
+
+def trial_params(backend, hp_space, trial) -> dict[str, Any]:
+    """The argument values a trial sets (Optuna: drawn from ``hp_space``; Ray Tune: the trial's config)."""
+    from transformers.trainer_utils import HPSearchBackend
+
+    if backend == HPSearchBackend.OPTUNA:
+        return dict(hp_space(trial))
+    return {k: v for k, v in dict(trial).items() if k != "wandb"}
+
+
+def apply_params(args, params: Mapping[str, Any], defaults: dict) -> None:
+    """Set a trial's values on ``args`` (cast as the Trainer casts them), remembering in ``defaults`` the values
+    they replace, and check the result as a whole."""
+    from .methods import get_method
+
+    for key, value in params.items():
+        if not hasattr(args, key):
+            raise ValueError(f"the search space sets '{key}', which is not an argument of "
+                             "DistillationTrainingArguments")
+        old = getattr(args, key)
+        defaults.setdefault(key, old)
+        if old is not None and not isinstance(old, bool) and isinstance(old, (int, float, str)):
+            value = type(old)(value)
+        setattr(args, key, value)
+    if "alpha" in params and not get_method(args.distill_method).uses_alpha:
+        raise ValueError(f"the search space sets alpha, which distill_method='{args.distill_method}' does not use")
+    args.check_distillation()
+
+
+class TrialRecords:
+    """Each trial's parameters and metrics (``DistillationTrainer.search_trials``): every evaluation of a trial
+    reports here through the objective; the trial's last evaluation is the one kept."""
+
+    def __init__(self, compute_objective, state):
+        self.compute_objective, self.state = compute_objective, state  # state(): the Trainer's current state
+        self.entries: list[dict] = []
+        self.params: dict | None = {}  # the running trial's parameters; None once its first evaluation is in
+
+    def start(self, params: dict) -> None:
+        self.params = dict(params)
+
+    def __call__(self, metrics) -> float:
+        value = self.compute_objective(metrics)
+        first = self.params is not None
+        entry = {"trial": len(self.entries) - (0 if first else 1),
+                 "params": dict(self.params if first else self.entries[-1]["params"]),
+                 "step": self.state().global_step, "metrics": dict(metrics), "objective": value}
+        if first:
+            self.entries.append(entry)
+            self.params = None  # later evaluations of this trial replace its entry
+        else:
+            self.entries[-1] = entry
+        return value

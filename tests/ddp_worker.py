@@ -15,7 +15,7 @@ from conftest import tiny_spec, tiny_timm  # noqa: E402
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments  # noqa: E402
 from hf_distill.data import collate_images, digits_dataset, with_image_transform  # noqa: E402
-from hf_distill.sharding import local_parameter_count  # noqa: E402
+from hf_distill.teachers.sharding import local_parameter_count  # noqa: E402
 
 METHODS = {  # run name -> arguments
     "kd": {"distill_method": "kd"},
@@ -81,8 +81,8 @@ def main(out_path: str, batch: int, accum: int) -> None:
                 out = wrapped.eval()(pixel_values=full["pixel_values"])
                 step = StepOutputs(student_logits=None, labels=None, extra_outputs=out["extra"],
                                    teacher_features=trainer.teacher_feature_maps(full["pixel_values"]))
-                values = trainer.method.eval_values(step)
-            local_accuracy = float(sum(v.mean() for v in values.values()) / len(values))
+                values = trainer.method.evaluate(step)
+            local_accuracy = float(values["feature_cosine"].mean())
         else:
             with torch.no_grad():
                 preds = wrapped.eval()(pixel_values=full["pixel_values"])["logits"].argmax(-1)

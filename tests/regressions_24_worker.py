@@ -59,7 +59,7 @@ def sharded_features(out_dir, raw):
     from torch.distributed.device_mesh import init_device_mesh
 
     from hf_distill.features import backbone_features
-    from hf_distill.sharding import is_sharded, shard_teacher
+    from hf_distill.teachers.sharding import is_sharded, shard_teacher
 
     mesh = init_device_mesh("cpu", (2,))
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))

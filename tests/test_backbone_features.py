@@ -19,7 +19,7 @@ from hf_distill.features import (
     set_feature_layer,
 )
 from hf_distill.models import InputSizeError, call_model
-from hf_distill.teacher import Teachers
+from hf_distill.teachers import Teachers
 
 RECT = torch.randn(2, 3, 32, 48)  # a non-square batch: 8x12 patches of 4, 4x6 of 8
 

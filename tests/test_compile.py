@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from hf_distill import DistillationTrainer, set_input_spec
 from hf_distill.data import with_image_transform
-from hf_distill.teacher import Teachers
+from hf_distill.teachers import Teachers
 
 SPEC = tiny_spec()  # 16 px, 1 channel
 BATCH = 8  # 64 images: 8 full batches per epoch, no smaller last batch (a new shape would recompile)

@@ -137,7 +137,7 @@ def test_dist_refuses_alpha_and_needs_no_labels_without_its_ce(make_args):
         make_args(distill_method="dist", alpha=0.5)
     from hf_distill.methods.dist import DIST
 
-    assert not DIST(make_args(distill_method="dist", dist_ce_weight=0.0)).labels_needed()
+    assert not DIST(make_args(distill_method="dist", dist_ce_weight=0.0)).stage(Progress()).labels
 
 
 # --- logit standardisation ----------------------------------------------------------------------------------

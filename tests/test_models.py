@@ -17,7 +17,7 @@ from hf_distill.models import (
     save_native,
     set_label_names,
 )
-from hf_distill.teacher import Teachers, check_label_spaces
+from hf_distill.teachers import Teachers, check_label_spaces
 
 
 def test_call_model_handles_each_family():

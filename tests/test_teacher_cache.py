@@ -9,7 +9,7 @@ from transformers import TrainerState
 
 from hf_distill import DistillationTrainer
 from hf_distill.data import with_image_transform
-from hf_distill.teacher import Teachers
+from hf_distill.teachers import Teachers
 from hf_distill.teacher_cache import (
     default_shard_size,
     MANIFEST_NAME,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import DistillationMethod, Progress, StepOutputs
+from .base import HOOKS, DistillationMethod, Layers, Progress, Stage, StepOutputs
 from .byot import BeYourOwnTeacher
 from .dist import DIST
 from .dkd import DecoupledKD
@@ -37,4 +37,4 @@ def get_method(name: str) -> type[DistillationMethod]:
         ) from None
 
 
-__all__ = ["METHODS", "DistillationMethod", "Progress", "StepOutputs", "get_method"]
+__all__ = ["HOOKS", "METHODS", "DistillationMethod", "Layers", "Progress", "Stage", "StepOutputs", "get_method"]

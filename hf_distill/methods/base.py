@@ -1,8 +1,11 @@
 """The one interface every distillation method implements.
 
-A method is a small object: it may add trainable modules (regressors, exits, branches),
-ask for intermediate features by module name, and turns one step's outputs into a loss
-plus named terms to log. The trainer does everything else (devices, precision, saving).
+A method is a small object: it declares what it needs (class attributes: teacher or not, logits or
+backbone features, which arguments it reads) and implements the hooks in ``HOOKS``: it may add
+trainable modules (regressors, exits, branches), ask for intermediate features by module name, say
+what each point of its schedule trains (:class:`Stage`), turn one step's outputs into a loss plus
+named terms to log, and name what it evaluates. The trainer does everything else (devices,
+precision, teachers, saving) and never names a method.
 """
 
 from __future__ import annotations
@@ -34,6 +37,30 @@ class Progress:
         if self.steps_per_epoch:
             return epoch * self.steps_per_epoch
         return epoch / self.num_epochs * self.max_steps if self.num_epochs else 0.0
+
+
+@dataclass(frozen=True)
+class Layers:
+    """Module names whose outputs a method's loss reads (forward hooks are placed there)."""
+
+    student: tuple[str, ...] = ()
+    teacher: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What training does at one point of a method's schedule (:meth:`DistillationMethod.stage`).
+
+    The defaults train everything with labels and both models' logits; a staged method (FitNets'
+    hint stage) narrows them."""
+
+    labels: bool = True  # the batches must carry labels
+    student_logits: bool = True  # False: the student's forward stops at its last tapped layer
+    teacher_logits: bool = True  # False: the teachers stop at their last tapped layer
+    extras: bool = True  # the method's extra modules run (False where the loss has no term for them)
+    trainable: frozenset[str] | None = None  # student parameters updated now (None: all of them)
+    held_in_eval: tuple[nn.Module, ...] = ()  # student modules kept in eval mode (no BatchNorm updates)
+    values: dict[str, float] = field(default_factory=dict)  # scalars to log (schedules' current weights)
 
 
 @dataclass
@@ -89,7 +116,7 @@ class DistillationMethod:
     mixes: ClassVar[bool] = True  # trains on mixup/CutMix batches (soft labels); False: ``no_mixing`` says why
     no_mixing: ClassVar[str] = ""
     # what the models give the loss: class logits, or backbone features (summary vector + spatial map,
-    # hf_distill.features.backbone_features); with "features", the method's eval_values are the metrics
+    # hf_distill.features.backbone_features); with "features", what the method evaluates is the metrics
     student_output: ClassVar[str] = "logits"
     teacher_output: ClassVar[str] = "logits"
     # arguments counted in epochs (schedules): a stream must then have a known length to measure epochs in
@@ -100,30 +127,26 @@ class DistillationMethod:
     def __init__(self, args):
         self.args = args
 
-    def labels_needed(self) -> bool:
-        """Whether training batches must carry labels (a batch without them is then refused)."""
-        return True
+    # class declarations a new method may set
+    without_labels: ClassVar[str] = ""  # how to train this method on unlabelled batches, if it can (error hint)
 
     def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The label term's cross-entropy, with ``--label_smoothing_factor``."""
+        """The label term's cross-entropy, with ``--label_smoothing_factor`` (a helper, not a hook)."""
         from ..losses import label_ce
 
         return label_ce(logits, labels, self.args.label_smoothing_factor)
 
+    # --- the hooks (HOOKS): set-up ----------------------------------------------------------
     @classmethod
     def validate(cls, args) -> None:
         """Raise ``ValueError`` for argument values this method cannot use."""
 
-    # --- set-up -------------------------------------------------------------------------
     def setup(self, student: nn.Module, teachers: list[nn.Module]) -> None:
         """Called first, with the models (e.g. to resolve ``auto`` layer choices)."""
 
-    def student_layers(self) -> list[str]:
-        """Student modules whose outputs the loss needs (forward hooks are placed there)."""
-        return []
-
-    def teacher_layers(self) -> list[str]:
-        return []
+    def layers(self) -> Layers:
+        """Student and teacher modules whose outputs the loss needs (forward hooks are placed there)."""
+        return Layers()
 
     def build_modules(self, student: nn.Module, teachers: list[nn.Module], probe: dict) -> nn.ModuleDict:
         """Extra trainable modules, trained with the student and never exported with it.
@@ -134,6 +157,11 @@ class DistillationMethod:
         return nn.ModuleDict()
 
     # --- training -----------------------------------------------------------------------
+    def stage(self, progress: Progress) -> Stage:
+        """What training does at this point of the method's schedule (see :class:`Stage`); asked once per
+        step, before the forward, and for evaluation."""
+        return Stage()
+
     def forward_modules(self, modules: nn.ModuleDict, student_features: dict) -> dict[str, Any]:
         """Run the extra modules on the student's features, inside the wrapped forward.
 
@@ -144,32 +172,10 @@ class DistillationMethod:
     def loss(self, out: StepOutputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def teacher_logits_needed(self, progress: Progress) -> bool:
-        """False when the loss uses only teacher features: the teacher then stops at its last tapped layer."""
-        return True
-
-    def student_logits_needed(self, progress: Progress) -> bool:
-        """False when the loss uses only the student's tapped features: its training forward then
-        stops at its last tapped layer (``student_logits`` is None)."""
-        return True
-
-    def prepare_student(self, student: nn.Module, progress: Progress) -> None:
-        """Called before each training forward (after ``train()``), e.g. to hold parts in eval mode."""
-
-    def trainable_parameters(self, student: nn.Module, progress: Progress) -> set[str] | None:
-        """Names of student parameters updated at this point, or ``None`` for all of them."""
-        return None
-
-    def log_values(self, progress: Progress) -> dict[str, float]:
-        """Scalars worth logging besides the loss terms (current weights of schedules)."""
-        return {}
-
-    def eval_values(self, out: StepOutputs) -> dict[str, torch.Tensor]:
-        """Per-sample values averaged into evaluation metrics, for methods without class logits."""
-        return {}
-
-    def eval_logits(self, out: dict) -> dict[str, torch.Tensor]:
-        """Extra named logits to evaluate besides the student's (e.g. exits); ``{name}_accuracy`` is logged."""
+    def evaluate(self, out: StepOutputs) -> dict[str, torch.Tensor]:
+        """What the method evaluates besides the student's logits, per example: a ``[batch, classes]`` tensor
+        is scored as ``{name}_accuracy`` (exits, branches); a ``[batch]`` tensor is averaged as ``{name}``
+        (e.g. the cosine to each teacher)."""
         return {}
 
     def save(self, student: nn.Module, extras: nn.ModuleDict, output_dir: str) -> None:
@@ -218,3 +224,8 @@ class DistillationMethod:
         if len(a.teacher_names) > 1:
             params["teacher_ensemble"] = a.teacher_ensemble
         return params
+
+
+# The hooks a method may override (each is overridden by at least two methods; tests/test_method_interface.py)
+HOOKS = ("validate", "setup", "layers", "build_modules", "stage", "forward_modules", "loss", "evaluate", "save",
+         "check_teacher_cache", "card_notes", "hyperparameters")

@@ -23,7 +23,7 @@ from torch import nn
 from ..exits import BOTTLENECKS, ExitHead, ExitSpec, MultiExitModel, deepest_target
 from ..losses import kd_loss, soft_kl
 from ..taps import TOKENS
-from .base import DistillationMethod, StepOutputs
+from .base import DistillationMethod, Layers, Stage, StepOutputs
 from .fitnets import Hints
 
 FEATURE_REDUCTIONS = ("sum", "mean")
@@ -136,12 +136,11 @@ class BeYourOwnTeacher(DistillationMethod):
                 raise ValueError("byot with hint_layers needs a teacher (teacher_model_name_or_path) for the hints")
             self.hints.setup(student, teachers)
 
-    def student_layers(self):
+    def layers(self):
         hinted = self.hints.student_layers() if self.hints is not None else []
-        return list(dict.fromkeys([*self.exit_layers, self.deepest_layer, *hinted]))
-
-    def teacher_layers(self):
-        return self.hints.teacher_layers() if self.hints is not None else []
+        deepest = [self.deepest_layer] if self.deepest_layer else []  # (none before setup)
+        return Layers(student=tuple(dict.fromkeys([*self.exit_layers, *deepest, *hinted])),
+                      teacher=tuple(self.hints.teacher_layers() if self.hints is not None else ()))
 
     def build_modules(self, student, teachers, probe):
         from ..models import num_classes_of
@@ -214,11 +213,11 @@ class BeYourOwnTeacher(DistillationMethod):
             terms["loss_hint"] = hint.detach()
         return total, terms
 
-    def eval_logits(self, out: dict) -> dict[str, torch.Tensor]:
+    def evaluate(self, out: StepOutputs) -> dict[str, torch.Tensor]:
         """Every exit's logits and the ensemble (mean probability), for per-exit accuracy."""
-        exits = out["extra"]["exit_logits"]
+        exits = out.extra_outputs["exit_logits"]
         named = {f"exit{i + 1}": z.float() for i, z in enumerate(exits)}
-        probs = torch.stack([z.float().softmax(-1) for z in [*exits, out["logits"]]]).mean(0)
+        probs = torch.stack([z.float().softmax(-1) for z in [*exits, out.student_logits]]).mean(0)
         named["ensemble"] = probs.log()
         return named
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..losses import dist_terms
-from .base import DistillationMethod, StepOutputs
+from .base import DistillationMethod, Layers, Stage, StepOutputs
 
 
 @dataclass
@@ -49,8 +49,10 @@ class DIST(DistillationMethod):
             raise ValueError(f"distill_method='dist' has its own teacher term; distill_loss '{args.distill_loss}' "
                              "does not apply")
 
-    def labels_needed(self) -> bool:
-        return self.args.dist_ce_weight > 0
+    without_labels = "set dist_ce_weight=0 (the teacher terms alone)"
+
+    def stage(self, progress):
+        return Stage(labels=self.args.dist_ce_weight > 0)
 
     def loss(self, out: StepOutputs):
         a = self.args

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..losses import dkd_terms
-from .base import DistillationMethod, Progress, StepOutputs
+from .base import DistillationMethod, Layers, Progress, Stage, StepOutputs
 
 
 @dataclass
@@ -67,8 +67,8 @@ class DecoupledKD(DistillationMethod):
         total = ce + self.ramp(out.progress) * (a.dkd_alpha * tckd + a.dkd_beta * nckd)
         return total, {"loss_ce": ce.detach(), "loss_tckd": tckd.detach(), "loss_nckd": nckd.detach()}
 
-    def log_values(self, progress):
-        return {"dkd_ramp": self.ramp(progress)}
+    def stage(self, progress):
+        return Stage(values={"dkd_ramp": self.ramp(progress)})
 
     def check_teacher_cache(self, cache) -> None:
         super().check_teacher_cache(cache)

@@ -16,7 +16,6 @@ split, DINO's k-NN accuracy of student and teachers.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -31,7 +30,8 @@ from ..features import (
     summary_loss,
     targets_of,
 )
-from .base import DistillationMethod, StepOutputs
+from ..teachers.ensemble import teacher_keys
+from .base import DistillationMethod, Stage, StepOutputs
 
 
 @dataclass
@@ -55,15 +55,6 @@ class FeatureArguments:
         default=False, metadata={"help": "feature: save_model also writes the adaptors and the standardisation, so "
                                          "hf_distill.features.FeatureStudent.from_pretrained(OUT) gives features in "
                                          "each teacher's space. Default: the student backbone only."})
-
-
-def teacher_keys(names: list[str]) -> list[str]:
-    """Short, unique names for the teachers in logged terms (``loss_summary_<key>``)."""
-    keys = []
-    for i, name in enumerate(names):
-        key = re.sub(r"[^a-z0-9]+", "-", name.lower().split("/")[-1]).strip("-") or f"teacher{i}"
-        keys.append(key if key not in keys and names.count(name) == 1 else f"{key}-{i}")
-    return keys
 
 
 class FeatureDistillation(DistillationMethod):
@@ -104,8 +95,8 @@ class FeatureDistillation(DistillationMethod):
         if args.distill_loss != "kl" or args.teacher_noise_std:
             raise ValueError("distill_method='feature' learns features: distill_loss and teacher noise do not apply")
 
-    def labels_needed(self) -> bool:
-        return False
+    def stage(self, progress):
+        return Stage(labels=False)
 
     def check_teacher_cache(self, cache) -> None:
         """A feature cache must hold every target this run learns; its teachers name the terms when no teacher
@@ -148,8 +139,10 @@ class FeatureDistillation(DistillationMethod):
                 for key in self.keys for target in self.targets}
 
     def _target(self, out: StepOutputs, name: str, update: bool) -> torch.Tensor:
-        """A teacher feature, standardised per channel (the statistics still learning on the first batches)."""
-        t = out.teacher_features[name].float()
+        """A teacher feature (``key/target``; the teacher source names them ``index/target``), standardised per
+        channel (the statistics still learning on the first batches)."""
+        key, target = name.split("/")
+        t = out.teacher_features[f"{self.keys.index(key)}/{target}"].float()
         stats = getattr(self, "_stats", {}).get(name)
         if stats is None:
             return t
@@ -172,11 +165,16 @@ class FeatureDistillation(DistillationMethod):
                 terms[f"loss_{target}_{key}"] = value.detach()
         return total, terms
 
-    def eval_values(self, out: StepOutputs) -> dict[str, torch.Tensor]:
-        """Per-sample cosine of each adapted student feature with its (standardised) teacher feature."""
-        return {f"feature_cosine_{target}_{key}": per_sample_cosine(out.extra_outputs[f"{key}/{target}"],
-                                                                     self._target(out, f"{key}/{target}", False))
-                for key in self.keys for target in self.targets}
+    def evaluate(self, out: StepOutputs) -> dict[str, torch.Tensor]:
+        """Per-sample cosine of each adapted student feature with its (standardised) teacher feature, and their
+        mean (``feature_cosine``); nothing without teachers (trained from a feature cache alone)."""
+        if not out.teacher_features:
+            return {}
+        values = {f"feature_cosine_{target}_{key}": per_sample_cosine(out.extra_outputs[f"{key}/{target}"],
+                                                                      self._target(out, f"{key}/{target}", False))
+                  for key in self.keys for target in self.targets}
+        values["feature_cosine"] = torch.stack([v.float() for v in values.values()]).mean(0)
+        return values
 
     def save(self, student, extras, output_dir) -> None:
         if self.args.feature_export_adaptors:

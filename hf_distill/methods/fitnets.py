@@ -24,7 +24,7 @@ from torch import nn
 from ..losses import TERM_NAMES, hint_loss, soft_term
 from ..schedules import SCHEDULES, anneal
 from ..taps import NHWC, TOKENS, VECTOR, num_prefix_tokens, resize_map, to_nchw
-from .base import DistillationMethod, Progress, StepOutputs
+from .base import DistillationMethod, Layers, Progress, Stage, StepOutputs
 
 
 @dataclass
@@ -245,11 +245,8 @@ class FitNets(DistillationMethod):
     def pairs(self) -> list[tuple[str, str]]:
         return self.hints.pairs
 
-    def student_layers(self):
-        return self.hints.student_layers()
-
-    def teacher_layers(self):
-        return self.hints.teacher_layers()
+    def layers(self):
+        return Layers(student=tuple(self.hints.student_layers()), teacher=tuple(self.hints.teacher_layers()))
 
     def setup(self, student, teachers) -> None:
         self.hints.setup(student, teachers)
@@ -301,18 +298,18 @@ class FitNets(DistillationMethod):
             return False
         return progress.step < 0.25 * progress.max_steps if progress.max_steps else True
 
-    def prepare_student(self, student, progress):
-        stage1 = self.in_stage1(progress)
-        self._hints_used = stage1 or self.args.hint_weight > 0
-        if stage1:
-            for m in self._later_modules:  # no BatchNorm statistics updates past the guided layer
-                m.eval()
+    def stage(self, progress):
+        """Stage 1: the hints alone train the layers up to the guided one (the student and the teachers stop
+        there; no BatchNorm statistics updates past it). Stage 2: KD with the soft weight annealed; the
+        regressors run only where the loss has a hint term (hint_weight)."""
+        if self.in_stage1(progress):
+            return Stage(student_logits=False, teacher_logits=False, trainable=self.stage1_parameters,
+                         held_in_eval=tuple(self._later_modules), values={"fitnets_stage": 1, "soft_weight": 0.0})
+        return Stage(extras=self.args.hint_weight > 0,
+                     values={"fitnets_stage": 2, "soft_weight": self.args.alpha * self.soft_weight(progress)})
 
     def forward_modules(self, modules, student_features):
-        # regressors run inside the wrapped forward, so data parallel syncs their gradients; they do not
-        # run where the loss has no hint term (stage 2 without hint_weight, and evaluation after it)
-        if not getattr(self, "_hints_used", True):
-            return {}
+        # regressors run inside the wrapped forward, so data parallel syncs their gradients
         return self.hints.forward(modules, student_features)
 
     def _hint(self, out: StepOutputs) -> torch.Tensor:
@@ -340,20 +337,6 @@ class FitNets(DistillationMethod):
             total = total + self.args.hint_weight * hint
             terms["loss_hint"] = hint.detach()
         return total, terms
-
-    def teacher_logits_needed(self, progress):
-        return not self.in_stage1(progress)  # stage 1 uses hints only
-
-    def student_logits_needed(self, progress):
-        return not self.in_stage1(progress)  # stage 1: the student stops after its guided layers
-
-    def trainable_parameters(self, student, progress):
-        return self.stage1_parameters if self.in_stage1(progress) else None
-
-    def log_values(self, progress):
-        stage1 = self.in_stage1(progress)
-        return {"fitnets_stage": 1 if stage1 else 2,
-                "soft_weight": 0.0 if stage1 else self.args.alpha * self.soft_weight(progress)}
 
     def hyperparameters(self):
         a = self.args

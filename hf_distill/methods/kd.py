@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..losses import kd_loss
-from .base import DistillationMethod, StepOutputs
+from .base import DistillationMethod, Stage, StepOutputs
 
 
 class KnowledgeDistillation(DistillationMethod):
@@ -20,8 +20,10 @@ class KnowledgeDistillation(DistillationMethod):
     description = ("The student learns to match the teacher's temperature-softened class probabilities (a "
                    "KL-divergence term weighed by alpha) together with the cross-entropy on the ground-truth labels.")
 
-    def labels_needed(self) -> bool:
-        return self.args.alpha < 1  # alpha = 1: the teacher term alone, no labels needed
+    without_labels = "set alpha=1 (the teacher term alone)"
+
+    def stage(self, progress):
+        return Stage(labels=self.args.alpha < 1)  # alpha = 1: the teacher term alone, no labels needed
 
     def loss(self, out: StepOutputs):
         a = self.args

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..losses import soft_kl
 from ..taps import NCHW, NHWC, TOKENS, resize_map, to_nchw
-from .base import DistillationMethod, StepOutputs
+from .base import DistillationMethod, Layers, Stage, StepOutputs
 
 
 @dataclass
@@ -191,8 +191,8 @@ class SFTN(DistillationMethod):
         if k < 2:
             raise ValueError("sftn needs models with at least 2 stages")
 
-    def student_layers(self):
-        return self.stage_names[:-1]  # branch points on the model being trained (the teacher)
+    def layers(self):
+        return Layers(student=tuple(self.stage_names[:-1]))  # branch points on the model being trained (the teacher)
 
     def build_modules(self, teacher, teachers, probe):
         from ..model_view import model_view, run_from_middle
@@ -237,8 +237,8 @@ class SFTN(DistillationMethod):
             terms.update({f"loss_kl_branch{i + 1}": kl.detach(), f"loss_ce_branch{i + 1}": ce.detach()})
         return total, terms
 
-    def eval_logits(self, out):
-        return {f"branch{i + 1}": z.float() for i, z in enumerate(out["extra"]["branch_logits"])}
+    def evaluate(self, out: StepOutputs):
+        return {f"branch{i + 1}": z.float() for i, z in enumerate(out.extra_outputs["branch_logits"])}
 
     def card_notes(self) -> dict[str, str]:
         return {"SFTN teacher": f"trained with student branches for `{self.args.sftn_student_model}`; "

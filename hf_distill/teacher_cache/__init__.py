@@ -41,7 +41,7 @@ Transforms (``augmentation``):
   shard size or on resuming, and are stored, so replay (``torchvision.transforms.functional``
   crop-resize-flip of the stored box) gives exactly the view the teacher saw.
 
-Several teachers: each gets its own input adapter (:class:`hf_distill.teacher.Teachers`) and the
+Several teachers: each gets its own input adapter (:class:`hf_distill.teachers.Teachers`) and the
 cache stores the mean of their logits (``teacher_ensemble="mean"``; ``"random"`` cannot be cached).
 
 Exactness: full logits are stored as the float32 the teacher produced, so training reads bit for

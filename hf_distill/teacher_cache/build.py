@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..models import InputSpec, model_name
-from ..teacher import Teachers
+from ..teachers import Teachers
 from .coordinator import process_state, shards_to_build
 from .reading import TeacherCache, load_teacher_cache
 from .store import (
@@ -111,7 +111,7 @@ def build_teacher_cache(
             The student then learns the pooled map.
         feature_dtype: ``"float16"`` (half the disk; relative rounding ~5e-4) or ``"float32"`` (exact).
         teacher_compile: ``torch.compile`` keywords (``{"backend": ..., "mode": ...}``) to run the teachers
-            compiled, in inference mode (:meth:`hf_distill.teacher.Teachers.compile`); None: eager.
+            compiled, in inference mode (:meth:`hf_distill.teachers.Teachers.compile`); None: eager.
 
     Returns the complete :class:`TeacherCache`. A build that stops early leaves a manifest with
     status ``"partial"`` and its complete shards; calling again with the same inputs resumes. Under

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .taps import FeatureTaps
-from .models import (
+from ..taps import FeatureTaps
+from ..models import (
     InputAdapter,
     InputSpec,
     call_model,
@@ -29,6 +30,15 @@ def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def teacher_keys(names: list[str]) -> list[str]:
+    """Short, unique names for the teachers in logged terms (``loss_summary_<key>``)."""
+    keys = []
+    for i, name in enumerate(names):
+        key = re.sub(r"[^a-z0-9]+", "-", name.lower().split("/")[-1]).strip("-") or f"teacher{i}"
+        keys.append(key if key not in keys and names.count(name) == 1 else f"{key}-{i}")
+    return keys
 
 
 class LabelSpaceError(ValueError):
@@ -82,7 +92,7 @@ class Teachers(nn.Module):
         # Hint features come from the first teacher (the one a method's layer names refer to).
         self._taps = FeatureTaps(self.models[0], layers, detach=True) if layers and len(self.models) else None
         self._features: dict[str, torch.Tensor] = {}
-        self.sharded = False  # FSDP2 over the processes (hf_distill.sharding): every forward is collective
+        self.sharded = False  # FSDP2 over the processes (hf_distill.teachers.sharding): every forward is collective
         self.compile_options: dict | None = None  # set by compile(): torch.compile keywords
         self._compiled: dict[tuple[str, int], Any] = {}
 
@@ -142,7 +152,7 @@ class Teachers(nn.Module):
             return logits, (self._taps.pop() if i == 0 and self._taps is not None else {})
         if kind == "until":
             return self._taps.run_until_complete(call_model, model, x)
-        from .features import backbone_features
+        from ..features import backbone_features
 
         summary, spatial = backbone_features(model, x)
         return summary.float(), spatial.float()
