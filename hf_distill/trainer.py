@@ -20,19 +20,19 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import DistillationTrainingArguments
 from .callbacks import SetEpochCallback
-from .data import class_names_for, collate_images, is_stream
+from .data import collate_images, is_stream
 from .inert import inert_settings
 from .methods import Progress, Stage, StepOutputs, get_method
 from .mixing import mix_batch
 from .model_card import CardContext, build_model_card
-from .models import input_spec, load_model, set_label_names
+from .models import input_spec, load_model
 from .search import TrialRecords, apply_params, trial_params
-from .teachers import TeacherSource, Teachers, check_label_spaces, open_teacher_cache, place_teachers
+from .teachers import TeacherSource, Teachers, open_teacher_cache, place_teachers
 from .teachers.source import check_teacher_cache
 from .training.card_context import card_context, card_metrics, timing
 from .training.checkpoints import restore, write_extras, write_student
 from .training.container import DistillationModel, probe_shapes
-from .training.data_setup import split_stream_by_shard, training_data
+from .training.data_setup import align_label_spaces, split_stream_by_shard, training_data
 from .training.evaluation import Evaluation, prediction_metrics, teacher_metrics  # noqa: F401 (public)
 
 logger = logging.getLogger(__name__)
@@ -143,9 +143,7 @@ class DistillationTrainer(Trainer):
             self.teacher_cache = open_teacher_cache(args, method, teachers, self._raw_train_dataset)
         else:
             check_teacher_cache(args, method, self.teacher_cache)
-        if method.student_output == "logits":  # backbone features have no label space
-            set_label_names(student, class_names_for(student, self._raw_train_dataset, teachers))  # as the CLI does
-            check_label_spaces(student, teachers)
+        align_label_spaces(method, student, teachers, self._raw_train_dataset)
         self._data = training_data(args, method, student, teachers, self._raw_train_dataset)
         self._term_sums: dict[str, torch.Tensor] = {}  # loss terms summed since the last log (running sums)
         self._term_counts: dict[str, int] = defaultdict(int)

@@ -110,6 +110,11 @@ class FeatureDistillation(DistillationMethod):
     def setup(self, student, teachers) -> None:
         from ..models import display_name, short_name
 
+        best = str(self.args.metric_for_best_model or "")
+        if not teachers and best.removeprefix("eval_").startswith("feature_cosine"):
+            raise ValueError(f"metric_for_best_model='{best}' compares the student with the teachers on the evaluation "
+                             "set, and none is given (trained from a feature cache): pass teacher_model= as well, or "
+                             "knn_train_dataset= with metric_for_best_model='knn_accuracy'")
         names = [display_name(t) for t in teachers] or [short_name(n) for n in self._cached_teachers]
         self.keys = teacher_keys(names)
         self.teacher_display = dict(zip(self.keys, names))  # the key in metric names -> the teacher's name

@@ -10,9 +10,10 @@ import logging
 import math
 from dataclasses import dataclass
 
-from ..data import is_stream
+from ..data import class_names_for, is_stream
 from ..mixing import BatchMixer, EpochOrderedDataset
-from ..models import num_classes_of
+from ..models import num_classes_of, set_label_names
+from ..teachers import check_label_spaces
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,14 @@ def training_data(args, method, student, teachers, raw_dataset) -> TrainingData:
                          f"in: set {counted[0]}=0, or give the stream its length (info.splits, as "
                          "load_dataset(..., streaming=True) does), or train on map-style data")
     return TrainingData(data, mixer, steps)
+
+
+def align_label_spaces(method, student, teachers, dataset) -> None:
+    """A classifier student gets the class names (the dataset's ClassLabel, else the teachers', as the CLI
+    does) and must predict the teachers' classes; backbone features have no label space."""
+    if method.student_output == "logits":
+        set_label_names(student, class_names_for(student, dataset, teachers))
+        check_label_spaces(student, teachers)
 
 
 def stream_steps_per_epoch(args, dataset) -> int | None:
