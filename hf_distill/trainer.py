@@ -139,6 +139,9 @@ class DistillationTrainer(Trainer):
         if method.needs_teacher and not teachers and not args.teacher_cache_dir:
             raise ValueError(f"distill_method='{args.distill_method}' needs a teacher: pass teacher_model= or set "
                              "teacher_model_name_or_path")
+        if teachers and not method.uses_teacher:
+            raise ValueError(f"distill_method='{args.distill_method}' uses no teacher, and one is given: drop "
+                             "teacher_model= / teacher_model_name_or_path")
         if self.teacher_cache is None:  # loaded once, checked for every set-up
             self.teacher_cache = open_teacher_cache(args, method, teachers, self._raw_train_dataset)
         else:

@@ -24,18 +24,23 @@ sys.path.insert(0, HERE)
 from conftest import tiny_spec, tiny_timm  # noqa: E402
 
 DIMENSIONS = {
-    "method": ["kd", "dkd", "dist", "fitnets", "byot", "feature", "deit"],
-    "teacher": ["live", "cached", "mixed cache", "two teachers"],
+    "method": ["kd", "dkd", "dist", "fitnets", "byot", "sftn", "feature", "deit"],
+    "teacher": ["live", "cached", "mixed cache", "two teachers", "sharded"],
     "precision": ["fp32", "bf16"],
-    "mixing": ["off", "mixup", "cutmix"],
+    "processes": ["1", "2"],
+    "mixing": ["off", "mixup", "function matching"],
     "data": ["map", "stream"],
-    "lifecycle": ["plain", "resume", "best"],
+    "lifecycle": ["plain", "resume", "search", "best"],
 }
 METHOD_ARGS = {
     "kd": {}, "dkd": {}, "dist": {}, "fitnets": {"hint_layers": ["layer1:layer2"]}, "byot": {},
+    "sftn": {"sftn_student_model": "test_resnet"},
     "feature": {"feature_standardize_batches": 0}, "deit": {"distill_method": "kd"},
 }
-MIXING_ARGS = {"off": {}, "mixup": {"mixup_alpha": 0.2}, "cutmix": {"cutmix_alpha": 1.0}}
+# function matching's aggressive mixing: mixup and CutMix, one of them per batch (Beyer et al.)
+MIXING_ARGS = {"off": {}, "mixup": {"mixup_alpha": 0.2}, "function matching": {"mixup_alpha": 1.0, "cutmix_alpha": 1.0}}
+# Not combinations at all (left out, neither run nor refused): a teacher sharded over one process is a whole one
+NOT_COMBINATIONS = [lambda c: c["teacher"] == "sharded" and c["processes"] == "1"]
 SPEC = tiny_spec()
 STEPS = 2
 
@@ -43,6 +48,8 @@ STEPS = 2
 # What is refused at construction, on purpose: (rule, does this case break it)
 REFUSALS = [
     ("a stream cannot be cached", lambda c: c["data"] == "stream" and "cache" in c["teacher"]),
+    ("SFTN trains the teacher itself: it takes no teacher source", lambda c: c["method"] == "sftn" and
+     c["teacher"] != "live"),
     ("a stream cannot be mixed", lambda c: c["data"] == "stream" and c["mixing"] != "off"),
     ("DKD cannot train on mixed images", lambda c: c["method"] == "dkd" and c["mixing"] != "off"),
     ("FitNets needs teacher features a cache does not hold", lambda c: c["method"] == "fitnets" and "cache" in c["teacher"]),
@@ -65,7 +72,7 @@ OPEN = [
 
 
 def is_open(case: dict) -> bool:
-    return any(breaks(case) for _, breaks in OPEN)
+    return any(breaks(case) for _, breaks in OPEN) or any(rule(case) for rule in NOT_COMBINATIONS)
 
 
 def broken_rules(case: dict) -> list[str]:
@@ -97,7 +104,7 @@ def refusal_cases(dimensions: dict[str, list]) -> list[tuple[str, dict]]:
     space = [dict(zip(names, values)) for values in product(*dimensions.values())]
     out = []
     for name, _ in REFUSALS:
-        case = next(c for c in space if broken_rules(c) == [name])
+        case = next(c for c in space if broken_rules(c) == [name] and not any(r(c) for r in NOT_COMBINATIONS))
         out.append((name, case))
     return out
 
@@ -158,7 +165,8 @@ def _student(method):
 
 
 def build(case: dict, data: Data, output_dir: str, **overrides):
-    """The trainer of one case, built as a user would; ``ValueError`` is its refusal."""
+    """The trainer of one case, built as a user would; ``ValueError`` is its refusal. The processes are the
+    caller's (``torchrun --nproc_per_node 2`` runs the cases of two)."""
     from hf_distill import DistillationTrainer, DistillationTrainingArguments
     from hf_distill.teacher_cache import with_teacher_cache
 
@@ -174,6 +182,8 @@ def build(case: dict, data: Data, output_dir: str, **overrides):
                   load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True)
     if case["lifecycle"] == "resume":
         kw.update(save_strategy="steps", save_steps=1)
+    if case["teacher"] == "sharded":
+        kw["teacher_sharding"] = "fsdp"
     kw.update(overrides)
     teachers = None
     train = data.stream() if case["data"] == "stream" else data.train
@@ -182,12 +192,14 @@ def build(case: dict, data: Data, output_dir: str, **overrides):
         folder = data.cache(method == "feature", mixing)
         train = with_teacher_cache(data.stream() if case["data"] == "stream" else data.raw, folder, SPEC)
         kw["teacher_cache_dir"] = folder
-    elif case["teacher"] == "live":
-        teachers = _teacher(2)
-    else:
+    elif case["teacher"] == "two teachers":
         teachers = [_teacher(2), _teacher(3)]
+    elif method != "sftn":  # live or sharded (SFTN trains the teacher: the model given is the one trained)
+        teachers = _teacher(2)
     args = DistillationTrainingArguments(**kw)
-    return DistillationTrainer(model=_student(method), teacher_model=teachers, args=args, train_dataset=train,
+    student = {"model_init": lambda: _student(method)} if case["lifecycle"] == "search" else {
+        "model": _student(method)}
+    return DistillationTrainer(**student, teacher_model=teachers, args=args, train_dataset=train,
                                eval_dataset=data.eval)
 
 
@@ -228,6 +240,13 @@ def run_case(case: dict, data: Data, folder: str) -> tuple[str, str]:
         worst = max((a[k] - b[k]).abs().max().item() for k in a)
         assert resumed.state.global_step == STEPS and worst <= 1e-5, f"{case}: resumed differs by {worst}"
         trainer, checked = resumed, "resume = uninterrupted"
+    elif case["lifecycle"] == "search":  # two trials, each a fresh student set up as the first
+        trainer.hyperparameter_search(hp_space={"learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}},
+                                      n_trials=2, backend="optuna")
+        objectives = [t["objective"] for t in trainer.search_trials]
+        assert len(objectives) == 2 and all(math.isfinite(v) for v in objectives), f"{case}: {trainer.search_trials}"
+        assert trainer.args.learning_rate == 1e-2, f"{case}: the arguments were not restored"
+        checked = "2 search trials"
     else:
         trainer.train()
         checked = "trained"
@@ -241,7 +260,8 @@ def run_case(case: dict, data: Data, folder: str) -> tuple[str, str]:
             checked = "best checkpoint loaded"
     assert trainer.state.global_step == STEPS, case
     after = _student_state(trainer)
-    assert any(not torch.equal(before[k], after[k]) for k in before), f"{case}: the student did not move"
+    if case["lifecycle"] != "search":  # (a search's last trial trained a student of its own)
+        assert any(not torch.equal(before[k], after[k]) for k in before), f"{case}: the student did not move"
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses and all(math.isfinite(v) for v in losses), f"{case}: losses {losses}"
     metrics = trainer.evaluate()
@@ -249,6 +269,8 @@ def run_case(case: dict, data: Data, folder: str) -> tuple[str, str]:
         assert "eval_feature_cosine" not in metrics and "eval_runtime" in metrics, f"{case}: {metrics}"
         return "trains", checked + " (evaluated without a teacher)"
     name = "eval_feature_cosine" if case["method"] == "feature" else "eval_accuracy"
+    if case["method"] == "sftn":
+        name = "eval_branch1_accuracy"
     assert math.isfinite(metrics[name]), f"{case}: {metrics}"
     return "trains", checked
 
@@ -272,9 +294,9 @@ def table(results: list[tuple[str | None, dict, str, str]]) -> str:
         "below. `tests/test_combinations.py` runs them all and checks this file is current; "
         "`python tests/combinations.py` rewrites it.", "",
         "Dimensions: " + "; ".join(f"**{n}**: {', '.join(v)}" for n, v in DIMENSIONS.items()) + ".", "",
-        "Not in this matrix (tested on their own): several processes and FSDP2-sharded teachers "
-        "(tests/test_distributed.py, tests/test_regressions_24.py), hyperparameter search "
-        "(tests/test_search.py, tests/test_regressions_24.py).", "",
+        "The cases of two processes run under `torchrun --nproc_per_node 2` (gloo, CPU; "
+        "`tests/combinations_worker.py`). A search runs two Optuna trials. Left out as no combination at all: a "
+        "teacher sharded over a single process (it stays whole).", "",
         f"## Supported: {len(supported)} cases", "",
         "| " + " | ".join(names) + " | checked |",
         "|" + "---|" * (len(names) + 1),
@@ -292,13 +314,53 @@ def table(results: list[tuple[str | None, dict, str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _launch_two_processes(folder: str):
+    """``torchrun --nproc_per_node 2`` (gloo, CPU) over tests/combinations_worker.py: every case of two processes,
+    run while this process runs the others."""
+    import shutil
+    import socket
+    import subprocess
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    assert torchrun is not None, "torchrun not found next to the Python interpreter"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")])}
+    log = open(os.path.join(folder, "two_processes.log"), "w")
+    return subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                             str(port), os.path.join(HERE, "combinations_worker.py"), folder], env=env, stdout=log,
+                            stderr=subprocess.STDOUT), log
+
+
 def run_all(folder: str) -> tuple[list, float]:
     """Every case run; raises at the first that neither trains as supported nor is refused as unsupported."""
-    data = Data(folder)
+    import json
+
     start = time.time()
+    every = cases()
+    two = [i for i, (_, case) in enumerate(every) if case["processes"] == "2"]
+    os.makedirs(folder, exist_ok=True)
+    proc, log = _launch_two_processes(folder) if two else (None, None)
+    data = Data(os.path.join(folder, "one"))
+    outcomes = {}
+    for i, (rule, case) in enumerate(every):
+        if i not in two:
+            outcomes[i] = run_case(case, data, os.path.join(folder, "one", f"case{i}"))
+    if proc is not None:
+        try:
+            proc.wait(timeout=900)
+        finally:
+            proc.kill()
+            log.close()
+        report = os.path.join(folder, "two", "results.json")
+        assert os.path.exists(report), open(os.path.join(folder, "two_processes.log")).read()[-3000:]
+        with open(report) as f:
+            outcomes.update({int(i): tuple(v) for i, v in json.load(f).items()})
     results = []
-    for i, (rule, case) in enumerate(cases()):
-        outcome, detail = run_case(case, data, os.path.join(folder, f"case{i}"))
+    for i, (rule, case) in enumerate(every):
+        outcome, detail = outcomes[i]
         want = "trains" if rule is None else "refused"
         assert outcome == want, f"{case}: expected it {want} ({rule or 'supported'}), but it {outcome}: {detail}"
         results.append((rule, case, outcome, detail))

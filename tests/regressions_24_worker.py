@@ -100,16 +100,21 @@ def live_mixing(out_dir, raw):
                                 train_dataset=with_image_transform(data, SPEC),
                                 args=_args(os.path.join(out_dir, "mix"), distill_method="function_matching",
                                            num_train_epochs=2))
-        real_mix = t._mix
+        import hf_distill.trainer as trainer_module
 
-        def recording(inputs):
-            mixed, targets = real_mix(inputs)
+        real_mix = trainer_module.mix_batch  # the trainer's one call that mixes a batch
+
+        def recording(mixer, inputs, *rest):
+            mixed, targets = real_mix(mixer, inputs, *rest)
             seen.append({"positions": inputs["mix_position"].tolist(),
                          "mixed": not torch.equal(mixed, inputs["pixel_values"])})
             return mixed, targets
 
-        t._mix = recording
-        t.train()
+        trainer_module.mix_batch = recording
+        try:
+            t.train()
+        finally:
+            trainer_module.mix_batch = real_mix
         result["live"] = {"steps": t.state.global_step, "batches": seen,
                           "finite": all(torch.isfinite(v).all().item() for v in t.student.state_dict().values()
                                         if v.is_floating_point())}
