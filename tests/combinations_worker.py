@@ -1,6 +1,6 @@
 """The combination matrix's cases of two processes, under ``torchrun --nproc_per_node 2`` (gloo, CPU).
 
-Launched by tests/combinations.py. Usage: ``combinations_worker.py FOLDER``. Every rank runs every case of
+Launched by tests/combinations.py. Usage: ``combinations_worker.py FOLDER [CASE INDEX ...]`` (all by default). Every rank runs every case of
 two processes in order (each case's trainer spans both ranks); rank 0 writes ``FOLDER/two/results.json``:
 ``{case index: [outcome, detail]}``, an unexpected error recorded as ``["error", traceback tail]``.
 """
@@ -21,11 +21,11 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
     folder = os.path.join(sys.argv[1], "two")
-    state = PartialState()  # the process group every case's trainer joins
+    state = PartialState(cpu=True)  # the process group every case's trainer joins (cpu=True: else each is alone)
     data = Data(folder)
-    results = {}
+    results, only = {}, {int(i) for i in sys.argv[2:]}
     for i, (_, case) in enumerate(cases()):
-        if case["processes"] != "2":
+        if case["processes"] != "2" or (only and i not in only):
             continue
         try:
             results[i] = run_case(case, data, os.path.join(folder, f"case{i}"))
