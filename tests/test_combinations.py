@@ -1,5 +1,5 @@
-"""The combination matrix (issue 24): all-pairs cases over method x teacher source x precision x mixing x data x
-lifecycle; each supported case trains, evaluates and meets its invariants, each unsupported one is refused at
+"""The combination matrix (issue 24): all-pairs cases over method x teacher source x precision x processes x mixing x
+data x lifecycle (the cases of two processes in one torchrun launch); each supported case trains, evaluates and meets its invariants, each unsupported one is refused at
 construction in one line (tests/combinations.py); docs/combinations.md is the generated table."""
 
 from itertools import product
@@ -15,7 +15,7 @@ def test_all_pairs_covers_every_pair_a_supported_case_can_hold():
     generated = all_pairs(DIMENSIONS, lambda c: not broken_rules(c) and not is_open(c))
     assert all(c in supported for c in generated)
     assert set().union(*map(_pairs, generated)) == set().union(*map(_pairs, supported))  # computed independently
-    assert len(generated) < len(supported) / 5  # CI-sized: 28 of the 230 supported combinations
+    assert len(generated) < len(supported) / 5  # CI-sized: 37 of the supported combinations
     rules = [r for r, _ in cases() if r is not None]
     assert rules == [name for name, _ in REFUSALS]  # one case per refusal rule, breaking that rule alone
 
