@@ -639,7 +639,7 @@ class CacheArguments:
 def _cache_teacher_main(argv: Sequence[str]) -> int:
     """``hf-distill cache-teacher``: run the teacher(s) once over the training data, store soft labels (or, for
     ``--distill_method feature``, their backbone features)."""
-    from .features import targets_of
+    from .models.features import targets_of
     from .methods import get_method
     from .models import input_spec
     from .teacher_cache import build_teacher_cache
@@ -808,7 +808,7 @@ def _layers_main(argv: Sequence[str]) -> int:
     parser.add_argument("--pretrained", action="store_true", help="load pretrained weights (not needed for shapes)")
     args = parser.parse_args(argv)
     from .models import input_spec, load_model
-    from .taps import describe_layers, format_layers
+    from .models.taps import describe_layers, format_layers
 
     kw = {"in_chans": args.in_chans} if args.in_chans else {}
     model = load_model(args.model, pretrained=args.pretrained, **kw)
@@ -817,7 +817,7 @@ def _layers_main(argv: Sequence[str]) -> int:
     if args.stages_only:
         rows = [r for r in rows if r.get("stage")]
     print(format_layers(rows))
-    from .model_view import StagesNotFoundError, format_stages, model_view
+    from .models.view import StagesNotFoundError, format_stages, model_view
 
     try:
         print("\n" + format_stages(model_view(model)))

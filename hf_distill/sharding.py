@@ -32,7 +32,7 @@ def shard_blocks(model: nn.Module) -> list[nn.Module]:
         if blocks:
             return blocks
     try:
-        from .stages import stage_names
+        from .models.stages import stage_names
 
         stages = stage_names(model)
     except Exception:  # a model the stage finder does not know: shard it as one unit
@@ -76,7 +76,7 @@ def directly_called_parts(model: nn.Module) -> list[nn.Module]:
     meeting plain tensors)."""
     if not is_transformers_model(model):
         return []
-    from .features import vision_backbone
+    from .models.features import vision_backbone
 
     tower = vision_backbone(model)
     norm = getattr(tower, "post_layernorm", None)

@@ -38,8 +38,8 @@ from .models import (
     set_label_names,
     short_name,
 )
-from .features import backbone_features, export_backbone, feature_shapes, knn_accuracy
-from .taps import FeatureTaps, probe_features
+from .models.features import backbone_features, export_backbone, feature_shapes, knn_accuracy
+from .models.taps import FeatureTaps, probe_features
 from .teacher import Teachers, check_label_spaces
 
 logger = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..exits import BOTTLENECKS, ExitHead, ExitSpec, MultiExitModel, deepest_target
+from ..models.exits import BOTTLENECKS, ExitHead, ExitSpec, MultiExitModel, deepest_target
 from ..losses import kd_loss, soft_kl
-from ..taps import TOKENS
+from ..models.taps import TOKENS
 from .base import DistillationMethod, StepOutputs
 from .fitnets import Hints
 
@@ -107,7 +107,8 @@ class BeYourOwnTeacher(DistillationMethod):
                                  "with byot the hints join the loss from the start")
 
     def setup(self, student, teachers):
-        from ..model_view import StagesNotFoundError, model_view, run_from_middle
+        from ..models.middle import run_from_middle
+        from ..models.view import StagesNotFoundError, model_view
 
         exits = self.args.byot_exits or []
         exits = [exits] if isinstance(exits, str) else list(exits)

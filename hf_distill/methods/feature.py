@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..features import (
+from ..models.features import (
     FeatureAdaptor,
     RunningStandardizer,
     per_sample_cosine,
@@ -180,7 +180,7 @@ class FeatureDistillation(DistillationMethod):
 
     def save(self, student, extras, output_dir) -> None:
         if self.args.feature_export_adaptors:
-            from ..features import save_adaptors
+            from ..models.features import save_adaptors
 
             save_adaptors(extras, self.keys, self.targets, output_dir)
 

@@ -135,7 +135,7 @@ def build_teacher_cache(
     if outputs not in ("logits", "features"):
         raise ValueError(f"outputs must be 'logits' or 'features', got '{outputs}'")
     if outputs == "features":
-        from ..features import targets_of
+        from ..models.features import targets_of
 
         feature_targets = targets_of(list(feature_targets))
         if top_k or mixing is not None:
