@@ -62,6 +62,7 @@ VECTOR = "vector"
 LAYOUTS = (NCHW, NHWC, TOKENS, VECTOR)
 _NDIM = {NCHW: 4, NHWC: 4, TOKENS: 3, VECTOR: 2}
 
+
 def feature_tensor(output: Any) -> torch.Tensor:
     """The feature tensor in a module output.
 

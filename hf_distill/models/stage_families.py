@@ -31,6 +31,7 @@ class _Spec:
         self.candidates = list(candidates) if candidates is not None else names
         self.default_groups = default_groups
 
+
 def _module_unit(name: str) -> tuple[str, Step]:
     return (name, name)
 

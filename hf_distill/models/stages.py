@@ -262,6 +262,7 @@ class StagedModel(nn.Module):
 def _logits(out):
     return out.logits if hasattr(out, "logits") else out
 
+
 def even_ends(n: int, k: int) -> list[int]:
     """Indices (into a list of ``n``) of the ends of ``k`` groups as even as possible."""
     k = max(1, min(k, n))
