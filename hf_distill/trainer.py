@@ -20,7 +20,7 @@ from .data import class_names_for, collate_images
 from .inert import inert_settings
 from .losses import perturb_logits
 from .methods import Progress, StepOutputs, get_method
-from .model_card import CardContext, build_model_card, measure_latency_ms, run_record
+from .cards import CardContext, build_model_card, measure_latency_ms, run_record
 from .preprocessing import with_own_teacher_accuracy
 from .models import (
     call_model,
