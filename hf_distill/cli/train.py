@@ -93,7 +93,7 @@ def dataset_classes(train, label_column: str) -> tuple[int, list[str] | None]:
 def load_student(model_args, train, label_column: str, backbone: bool = False):
     """The student named in the arguments, with the dataset's classes (or, for feature distillation, as a
     backbone: no classes, no labels needed) and the requested input size."""
-    from ..models import load_model
+    from ..models import input_spec, load_model, set_input_spec
 
     if not model_args.student_model_name_or_path:
         raise UsageError("--student_model_name_or_path is required")
