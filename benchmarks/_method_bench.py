@@ -122,7 +122,7 @@ def make_timm(arch: str, seed: int, **kw) -> nn.Module:
 def batched(model: nn.Module, x: torch.Tensor, layer: str | None = None, bs: int = 1000):
     """Eval-mode logits of ``model`` on ``x`` (and the output of module ``layer`` when given)."""
     from hf_distill.models import call_model
-    from hf_distill.taps import FeatureTaps
+    from hf_distill.models.taps import FeatureTaps
 
     model.eval()
     logits, feats = [], []
@@ -183,7 +183,7 @@ def cached_feature_teacher(live: nn.Module, layer: str, x: torch.Tensor, check: 
     g = torch.Generator().manual_seed(1234)
     pick = images[torch.randperm(len(images), generator=g)[:check]]
     want_logits, want_feats = batched(live, pick, layer, bs=128)
-    from hf_distill.taps import FeatureTaps
+    from hf_distill.models.taps import FeatureTaps
 
     with torch.no_grad(), FeatureTaps(cached, [layer], detach=True) as taps:
         got_logits = cached(pick)

@@ -118,7 +118,7 @@ def run_early_exit(sweep: Sweep, s: dict, seed: int, work: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     from byot_early_exit import piece_costs
 
-    from hf_distill.exits import MultiExitModel
+    from hf_distill.models.exits import MultiExitModel
 
     _, _, xte, yte, train_ds, test_ds = splits(s)
     folder = work / f"byot_exits_s{seed}"

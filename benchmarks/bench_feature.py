@@ -29,7 +29,7 @@ Setting (the same for every configuration; all seeds run are reported, whichever
 * evaluation (frozen summary features, eval mode): the 10,000 test images, with 1,000 labelled
   training images (``stratified_subset(train, 1000, seed=0)``, the same for every run) as
   (i) the memory of DINO's weighted k-NN (k = 20, cosine, T = 0.07;
-  ``hf_distill.features.knn_accuracy``) and (ii) the training set of a linear probe:
+  ``hf_distill.models.features.knn_accuracy``) and (ii) the training set of a linear probe:
   features standardised with the 1,000 images' mean/std, then sklearn ``LogisticRegressionCV``
   (lbfgs, multinomial, C in {1e-3, 1e-2, 1e-1, 1, 10} by 5-fold CV on the 1,000 images only,
   max_iter 3000). The trainer's own ``evaluate`` (``eval_feature_cosine``, ``eval_knn_accuracy``
@@ -100,7 +100,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, load_model  # noqa: E402
-from hf_distill.features import backbone_features, knn_accuracy  # noqa: E402
+from hf_distill.models.features import backbone_features, knn_accuracy  # noqa: E402
 from hf_distill.models import count_parameters  # noqa: E402
 
 log = logging.getLogger("bench")

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from hf_distill.methods import METHODS  # noqa: E402
 from hf_distill.methods.kd import KnowledgeDistillation  # noqa: E402
-from hf_distill.taps import FeatureTaps  # noqa: E402
+from hf_distill.models.taps import FeatureTaps  # noqa: E402
 
 NAME = "bench_hooks"
 LR, TEMPERATURE, ALPHA = 1e-3, 4.0, 0.9

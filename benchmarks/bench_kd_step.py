@@ -220,7 +220,8 @@ def profile_trainer(args, size, out_dir, steps):
               "torch/utils/data/")
     # Pure bookkeeping frames (no model, optimizer or clipping maths underneath): their own time is
     # the Python overhead the Trainer and hf_distill add per step.
-    framework = ("hf_distill/trainer.py", "hf_distill/methods/", "hf_distill/teacher.py", "hf_distill/models.py",
+    framework = ("hf_distill/trainer.py", "hf_distill/methods/", "hf_distill/teacher.py", "hf_distill/models/calling.py",
+                 "hf_distill/models/specs.py", "hf_distill/models/loading.py", "hf_distill/models/saving.py",
                  "transformers/trainer", "accelerate/")
     own_framework = 0.0
     for (file, line, func), (cc, nc, tt, ct, callers) in stats.stats.items():

@@ -1,10 +1,10 @@
-"""Step time of the generic model view (hf_distill.model_view) vs today's hand-written split.
+"""Step time of the generic model view (hf_distill.models.view) vs today's hand-written split.
 
     python benchmarks/bench_model_view.py [--reps 7 --steps 4 --image-size 64]
 
 For timm ``resnet18`` and ``vit_tiny_patch16_224`` (built at ``--image-size``), FitNets and BYOT each
 run two trainers side by side on the same batches, interleaved step by step (the order reversed every
-other step; 1 thread): ``hand`` names the layers the hand-written split of ``hf_distill.stages`` gives
+other step; 1 thread): ``hand`` names the layers the hand-written split of ``hf_distill.models.stages`` gives
 (``hint_layers`` = its middle stages, ``byot_exits`` = its stages but the last), ``generic`` passes
 ``auto`` (stages discovered by ``model_view``). The ratio generic / hand is the median of the
 per-repetition ratios of CPU time per step. Target: at most 1.02. Writes
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     a = p.parse_args(argv)
-    from hf_distill.stages import stage_names
+    from hf_distill.models.stages import stage_names
 
     t0 = time.perf_counter()
     batches = make_batches(8, a.batch_size, a.image_size)

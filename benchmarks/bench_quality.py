@@ -405,7 +405,7 @@ def cmd_fitnets(a) -> None:
     else:
         truncated = TruncatedTeacher(live, cached, hint_teacher_layer)
         with torch.no_grad():  # the truncated teacher's hint equals the live teacher's
-            from hf_distill.taps import FeatureTaps
+            from hf_distill.models.taps import FeatureTaps
 
             x = xte[:64]
             with FeatureTaps(live.eval(), [hint_teacher_layer], detach=True) as taps:

@@ -528,7 +528,7 @@ class TDRunner:
 
 # --------------------------------------------------------------------------------------------- comparisons
 def hint_channels(student, teacher, s_layer, t_layer, size):
-    from hf_distill.taps import probe_features
+    from hf_distill.models.taps import probe_features
 
     x = torch.zeros(2, 3, size, size)
     (s_shape, _), (t_shape, _) = probe_features(student, [s_layer], x)[s_layer], probe_features(teacher, [t_layer], x)[t_layer]
@@ -1022,7 +1022,7 @@ def main(argv=None):
     # part 2
     from hf_distill.teachers import Teachers
 
-    from hf_distill.taps import FeatureTaps
+    from hf_distill.models.taps import FeatureTaps
 
     teacher_stage1 = ("its teacher stops after the last hint layer (`Teachers.features_only`)"
                       if hasattr(Teachers, "features_only") else "it runs the whole teacher")

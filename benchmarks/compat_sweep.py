@@ -233,7 +233,7 @@ def _reload_same(model, out, backbone=False):
     import timm
     import torch
 
-    from hf_distill.features import backbone_features
+    from hf_distill.models.features import backbone_features
     from hf_distill.models import call_model, input_spec, is_transformers_model
 
     spec = input_spec(model)
@@ -306,7 +306,7 @@ def run_cell(column, build, out):
     if not any(Path(out).iterdir()):
         raise AssertionError("save_model wrote nothing")
     if column == "byot_export":
-        from hf_distill.exits import MultiExitModel
+        from hf_distill.models.exits import MultiExitModel
 
         multi = MultiExitModel.from_pretrained(out)
         x = torch.randn(3, spec.in_chans, *size, generator=torch.Generator().manual_seed(3))

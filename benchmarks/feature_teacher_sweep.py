@@ -194,7 +194,7 @@ def _load(name: str, size: int | None = None, **kw):
 
 def cell_feat_student(name: str, size: int, out: str) -> str:
     from hf_distill import DistillationTrainer, load_model
-    from hf_distill.features import backbone_features
+    from hf_distill.models.features import backbone_features
     from hf_distill.models import input_spec
 
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, InputSpec, load_model, set_input_spec
 from hf_distill.data import collate_images, digits_dataset, with_image_transform
-from hf_distill.exits import MultiExitModel
+from hf_distill.models.exits import MultiExitModel
 
 SPEC = InputSpec(mean=(0.5,), std=(0.5,), image_size=(32, 32), in_chans=1)
 

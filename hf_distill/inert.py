@@ -38,7 +38,7 @@ def _dkd_warmup(trainer, train_dataset) -> list[str]:
 
 def _grids(trainer) -> tuple[tuple[int, int], list[tuple[str, tuple[int, int]]]]:
     """The student's spatial grid and each teacher's, for the student's input size."""
-    from .features import feature_shapes
+    from .models.features import feature_shapes
     from .models import display_name, short_name
 
     spec = trainer.student_spec

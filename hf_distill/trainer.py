@@ -24,7 +24,7 @@ from .data import collate_images, is_stream
 from .inert import inert_settings
 from .methods import Progress, Stage, StepOutputs, get_method
 from .mixing import mix_batch
-from .model_card import CardContext, build_model_card
+from .cards import CardContext, build_model_card
 from .models import input_spec, load_model
 from .search import TrialRecords, apply_params, trial_params
 from .teachers import TeacherSource, Teachers, open_teacher_cache, place_teachers

@@ -58,7 +58,7 @@ def _args(out, **kw):
 def sharded_features(out_dir, raw):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from hf_distill.features import backbone_features
+    from hf_distill.models.features import backbone_features
     from hf_distill.teachers.sharding import is_sharded, shard_teacher
 
     mesh = init_device_mesh("cpu", (2,))

@@ -1,4 +1,4 @@
-"""Any backbone: the stages hf_distill.model_view discovers, and FitNets auto / BYOT / SFTN on them.
+"""Any backbone: the stages hf_distill.models.view discovers, and FitNets auto / BYOT / SFTN on them.
 
 One model per code path of the view: timm feature maps (a family with no hand-written split),
 timm tokens with prefix tokens (DeiT distilled), timm channels-last maps (Swin), transformers
@@ -16,9 +16,10 @@ from torch import nn
 
 from hf_distill import DistillationTrainer
 from hf_distill.data import collate_images, with_image_transform
-from hf_distill.model_view import MiddleRunner, StagesNotFoundError, model_view, token_grid, tokens_to_map
+from hf_distill.models.middle import MiddleRunner
+from hf_distill.models.view import StagesNotFoundError, model_view, token_grid, tokens_to_map
 from hf_distill.models import set_input_spec
-from hf_distill.taps import FeatureTaps
+from hf_distill.models.taps import FeatureTaps
 
 SPEC = tiny_spec(size=32)
 
@@ -43,7 +44,7 @@ def _timm(name, seed=0, **kw):
     return m
 
 
-def byobnet(seed=0):  # a timm family with no hand-written split in hf_distill.stages
+def byobnet(seed=0):  # a timm family with no hand-written split in hf_distill.models.stages
     return _timm("test_byobnet", seed)
 
 
@@ -213,7 +214,7 @@ def test_fitnets_auto_pairs_a_cnn_with_a_vit_both_ways(data, make_args):
 
 
 def test_byot_exits_on_hierarchical_tokens_and_export_runs_early_exit(data, make_args, tmp_path):
-    from hf_distill.exits import MultiExitModel
+    from hf_distill.models.exits import MultiExitModel
 
     t = _trainer(hf("swin", 1), data, make_args, distill_method="byot")
     assert t.method.exit_layers == ["swin.encoder.layers.0", "swin.encoder.layers.1"]

@@ -11,7 +11,7 @@ import transformers as tr
 from timm.models.mlp_mixer import _create_mixer
 
 from hf_distill import DistillationTrainer, InputSpec, load_model, set_input_spec
-from hf_distill.features import (
+from hf_distill.models.features import (
     FeatureAdaptor,
     FeatureStudent,
     RunningStandardizer,

@@ -8,7 +8,7 @@ from torch import nn
 
 from hf_distill import DistillationTrainer
 from hf_distill.data import collate_images, with_image_transform
-from hf_distill.exits import MultiExitModel
+from hf_distill.models.exits import MultiExitModel
 from hf_distill.losses import soft_kl
 
 SPEC32 = tiny_spec(size=32)
@@ -104,7 +104,7 @@ def test_feature_mean_reduction_averages_over_features(data32, make_args):
 
 @pytest.mark.parametrize("bottleneck", ["sepconv", "conv"])
 def test_exit_bottleneck_reaches_the_deepest_shape(bottleneck):
-    from hf_distill.exits import ExitHead, ExitSpec
+    from hf_distill.models.exits import ExitHead, ExitSpec
 
     # a 64-channel 16x16 stage facing a 256-channel 2x2 deepest feature: 3 halvings
     head = ExitHead(ExitSpec("layer1", (2, 64, 16, 16), "nchw", (2, 256, 2, 2), "nchw", 10, 0, bottleneck))
@@ -257,7 +257,7 @@ class _ExitAsIs(nn.Module):
 
 
 def test_early_exit_picks_the_right_exit_and_stops_computing():
-    from hf_distill.stages import split_model
+    from hf_distill.models.stages import split_model
 
     toy = _Toy()
     staged = split_model(toy, stage_names=["s0", "s1", "s2"], stem=["stem"], head=["head"])

@@ -129,3 +129,14 @@ def test_cli_function_matching_from_a_mixed_cache(tmp_path, capsys):
     assert main(common[:-4] + ["--output_dir", str(tmp_path / "s2"), "--teacher_cache_dir", str(cache),
                                "--mixup_alpha", "0.3", "--max_steps", "2"]) == 1
     assert "mixup_alpha" in capsys.readouterr().err
+
+
+def test_a_non_square_image_size_becomes_the_students_input():
+    from hf_distill.arguments import ModelArguments
+    from hf_distill.cli import load_student
+    from hf_distill.models import input_spec
+
+    args = ModelArguments(student_model_name_or_path="resnet18", student_pretrained=False, image_size=[32, 48])
+    student = load_student(args, None, "label", backbone=True)
+    assert tuple(input_spec(student).image_size) == (32, 48)
+    assert student(torch.zeros(1, 3, 32, 48)).shape[0] == 1

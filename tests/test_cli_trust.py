@@ -166,7 +166,8 @@ YAML_CASES = {
 @pytest.fixture
 def no_loading(monkeypatch):
     """Every function that loads a model or a dataset fails the test if called."""
-    import hf_distill.cli as cli
+    import hf_distill.cli.cache as cache_cli
+    import hf_distill.cli.train as train_cli
     import hf_distill.data as data
     import hf_distill.models as models
 
@@ -174,7 +175,8 @@ def no_loading(monkeypatch):
         raise AssertionError(f"loaded something before refusing: {args[:1]}")
 
     for module, name in ((models, "load_model"), (data, "load_image_dataset"), (data, "load_image_split"),
-                         (cli, "load_splits"), (cli, "load_student"), (cli, "load_teachers")):
+                         (train_cli, "load_splits"), (train_cli, "load_student"), (train_cli, "load_teachers"),
+                         (cache_cli, "load_splits"), (cache_cli, "load_student"), (cache_cli, "load_teachers")):
         monkeypatch.setattr(module, name, forbidden)
 
 

@@ -10,7 +10,7 @@ from test_feature_distillation import SPEC, _cnn_teacher, _student, _vit_teacher
 
 from hf_distill import DistillationTrainer
 from hf_distill.data import collate_images, with_image_transform
-from hf_distill.features import backbone_features
+from hf_distill.models.features import backbone_features
 from hf_distill.teacher_cache import TeacherCacheError, build_teacher_cache, load_teacher_cache, with_teacher_cache
 
 

@@ -10,7 +10,7 @@ from conftest import tiny_spec
 
 from hf_distill import DistillationTrainer, set_input_spec
 from hf_distill.data import collate_images, with_image_transform
-from hf_distill.features import (
+from hf_distill.models.features import (
     FeatureStudent,
     RunningStandardizer,
     backbone_features,
@@ -105,7 +105,7 @@ def test_timm_cnn_map_nhwc_map_and_a_declared_layer():
             return self.head(self.body(x).mean(dim=(2, 3)))
 
     plain = Plain()
-    from hf_distill.features import FeatureExtractionError
+    from hf_distill.models.features import FeatureExtractionError
 
     with pytest.raises(FeatureExtractionError, match="set_feature_layer"):
         backbone_features(plain, X)

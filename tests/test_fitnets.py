@@ -7,7 +7,7 @@ from hf_distill.data import collate_images
 from hf_distill.losses import hint_loss
 from hf_distill.methods.fitnets import HintRegressor
 from hf_distill.schedules import anneal
-from hf_distill.taps import LayerNotFoundError
+from hf_distill.models.taps import LayerNotFoundError
 
 PAIR = "layer1:resnet.encoder.stages.1"  # timm student 32ch 4x4 -> transformers teacher 16ch 2x2
 

@@ -73,12 +73,12 @@ def test_unreadable_images_are_skipped_with_their_file_named(tmp_path, caplog):
 
 
 def test_misspelt_timm_name_lists_close_names_without_asking_the_hub(monkeypatch):
-    import hf_distill.models as models
+    import hf_distill.models.loading as loading
 
     def no_hub(*a, **k):
         raise AssertionError("the Hub was asked")
 
-    monkeypatch.setattr(models, "_hub_config", no_hub)  # load_model's only way to the Hub for such a name
+    monkeypatch.setattr(loading, "_hub_config", no_hub)  # load_model's only way to the Hub for such a name
     with pytest.raises(ModelLoadError, match=r"neither a timm architecture.*resnet18"):
         load_model("resnet181")
 

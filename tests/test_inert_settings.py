@@ -62,7 +62,7 @@ def _vit_teacher():
 
 
 def test_spatial_target_on_a_one_position_student_map(digits, make_args, caplog):
-    from hf_distill.features import feature_shapes
+    from hf_distill.models.features import feature_shapes
 
     train = with_image_transform(digits["train"].select(range(32)).remove_columns("label"), SPEC32)
     student, teacher = _feature_student(), _vit_teacher()

@@ -1,4 +1,4 @@
-"""Model cards for distilled students (hf_distill.model_card), checked offline against a local fake Hub."""
+"""Model cards for distilled students (hf_distill.cards), checked offline against a local fake Hub."""
 
 import re
 
@@ -9,7 +9,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from torch import nn
 
-from hf_distill.model_card import (
+from hf_distill.cards import (
     CardContext,
     build_model_card,
     framework_versions,
@@ -253,7 +253,7 @@ def test_card_template_ships_inside_the_package():
     import importlib.resources
     from pathlib import Path
 
-    from hf_distill.model_card import TEMPLATE_NAME, template_path
+    from hf_distill.cards import TEMPLATE_NAME, template_path
 
     packaged = importlib.resources.files("hf_distill").joinpath("templates", TEMPLATE_NAME)
     assert packaged.is_file()

@@ -1,4 +1,4 @@
-"""Tests for hf_distill.stages: stem -> stages -> head views of classifiers."""
+"""Tests for hf_distill.models.stages: stem -> stages -> head views of classifiers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_distill.stages import StagedModel, UnsupportedModelError, split_model, stage_names
+from hf_distill.models.stages import StagedModel, UnsupportedModelError, split_model, stage_names
 
 
 

@@ -1,4 +1,4 @@
-"""Forward-hook feature taps (hf_distill.taps): offline, tiny models, real forward passes."""
+"""Forward-hook feature taps (hf_distill.models.taps): offline, tiny models, real forward passes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_distill.taps import (
+from hf_distill.models.taps import (
     FeatureTaps,
     LayerNotFoundError,
     describe_layers,

@@ -116,7 +116,7 @@ class DistillationMethod:
     mixes: ClassVar[bool] = True  # trains on mixup/CutMix batches (soft labels); False: ``no_mixing`` says why
     no_mixing: ClassVar[str] = ""
     # what the models give the loss: class logits, or backbone features (summary vector + spatial map,
-    # hf_distill.features.backbone_features); with "features", what the method evaluates is the metrics
+    # hf_distill.models.features.backbone_features); with "features", what the method evaluates is the metrics
     student_output: ClassVar[str] = "logits"
     teacher_output: ClassVar[str] = "logits"
     # arguments counted in epochs (schedules): a stream must then have a known length to measure epochs in

@@ -1,6 +1,6 @@
 """Be Your Own Teacher: self-distillation through exits (Zhang et al., ICCV 2019). docs/methods.md.
 
-Exits attach after the student's sections (its stages, from :mod:`hf_distill.stages`, unless
+Exits attach after the student's sections (its stages, from :mod:`hf_distill.models.stages`, unless
 ``byot_exits`` names them); the network's own head is the deepest classifier ``K``::
 
     L = CE(z_K, y) + sum_i [ (1 - a) CE(z_i, y) + a T^2 KL(p_K || p_i) + lam ||F_i - F_K||^2 ]
@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..exits import BOTTLENECKS, ExitHead, ExitSpec, MultiExitModel, deepest_target
+from ..models.exits import BOTTLENECKS, ExitHead, ExitSpec, MultiExitModel, deepest_target
 from ..losses import kd_loss, soft_kl
-from ..taps import TOKENS
+from ..models.taps import TOKENS
 from .base import DistillationMethod, Layers, Stage, StepOutputs
 from .fitnets import Hints
 
@@ -107,12 +107,13 @@ class BeYourOwnTeacher(DistillationMethod):
                                  "with byot the hints join the loss from the start")
 
     def setup(self, student, teachers):
-        from ..model_view import StagesNotFoundError, model_view, run_from_middle
+        from ..models.middle import run_from_middle
+        from ..models.view import StagesNotFoundError, model_view
 
         exits = self.args.byot_exits or []
         exits = [exits] if isinstance(exits, str) else list(exits)
         auto = exits in ([], ["auto"])
-        try:  # training needs the stages' features only (hf_distill.model_view), no split of the model
+        try:  # training needs the stages' features only (hf_distill.models.view), no split of the model
             stages = model_view(student).names()
         except StagesNotFoundError as err:
             if auto:

@@ -1,6 +1,6 @@
 """Label-free feature distillation from foundation-model teachers (RADIO-style). See docs/methods.md.
 
-The student's backbone features (:func:`hf_distill.features.backbone_features`: a summary vector
+The student's backbone features (:func:`hf_distill.models.features.backbone_features`: a summary vector
 and a spatial map) go through one trainable adaptor per teacher and target; each prediction is
 compared with that teacher's feature, standardised per channel with statistics from the first
 batches so that no teacher dominates:
@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..features import (
+from ..models.features import (
     FeatureAdaptor,
     RunningStandardizer,
     per_sample_cosine,
@@ -53,7 +53,7 @@ class FeatureArguments:
                                      "feature width (4)."})
     feature_export_adaptors: bool = field(
         default=False, metadata={"help": "feature: save_model also writes the adaptors and the standardisation, so "
-                                         "hf_distill.features.FeatureStudent.from_pretrained(OUT) gives features in "
+                                         "hf_distill.models.features.FeatureStudent.from_pretrained(OUT) gives features in "
                                          "each teacher's space. Default: the student backbone only."})
 
 
@@ -183,7 +183,7 @@ class FeatureDistillation(DistillationMethod):
 
     def save(self, student, extras, output_dir) -> None:
         if self.args.feature_export_adaptors:
-            from ..features import save_adaptors
+            from ..models.features import save_adaptors
 
             save_adaptors(extras, self.keys, self.targets, output_dir)
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..losses import TERM_NAMES, hint_loss, soft_term
 from ..schedules import SCHEDULES, anneal
-from ..taps import NHWC, TOKENS, VECTOR, num_prefix_tokens, resize_map, to_nchw
+from ..models.taps import NHWC, TOKENS, VECTOR, num_prefix_tokens, resize_map, to_nchw
 from .base import DistillationMethod, Layers, Progress, Stage, StepOutputs
 
 
@@ -66,9 +66,9 @@ def parse_hint_layers(value, student: nn.Module | None = None, teacher: nn.Modul
     if items == ["auto"]:
         if student is None or teacher is None:
             return []
-        from ..model_view import StagesNotFoundError, model_view
+        from ..models.view import StagesNotFoundError, model_view
 
-        try:  # the middle stage of each, from what the libraries declare (hf_distill.model_view)
+        try:  # the middle stage of each, from what the libraries declare (hf_distill.models.view)
             return [(model_view(student).middle(), model_view(teacher).middle())]
         except StagesNotFoundError as err:
             raise ValueError(f"hint_layers='auto': {err}") from None
@@ -86,7 +86,7 @@ def _token_layout(model, layer, shape, layout) -> tuple[int, tuple[int, int] | N
     stages (counted from the model's own output), else ``num_prefix_tokens`` and a square grid."""
     if layout != TOKENS:
         return 0, None
-    from ..model_view import StagesNotFoundError, model_view
+    from ..models.view import StagesNotFoundError, model_view
 
     try:
         stage = model_view(model).stage(layer)
@@ -268,7 +268,7 @@ class FitNets(DistillationMethod):
     def _parameters_feeding(student, layers, probe) -> set[str]:
         """Names of the student parameters the guided layers' outputs depend on (found by autograd)."""
         from ..models import input_spec
-        from ..taps import FeatureTaps, default_call
+        from ..models.taps import FeatureTaps, default_call
 
         spec = input_spec(student)
         x = torch.zeros(2, spec.in_chans, *spec.image_size)

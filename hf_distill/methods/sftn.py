@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..losses import soft_kl
-from ..taps import NCHW, NHWC, TOKENS, resize_map, to_nchw
+from ..models.taps import NCHW, NHWC, TOKENS, resize_map, to_nchw
 from .base import DistillationMethod, Layers, Stage, StepOutputs
 
 
@@ -116,7 +116,7 @@ class StudentBranch(nn.Module):
         self.stage = stage  # the student stage the branch starts after (its reduction sizes the stand-in input)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        from ..model_view import stage_image_size
+        from ..models.view import stage_image_size
         from ..models import logits_of
 
         s = self.transform(h)
@@ -176,9 +176,10 @@ class SFTN(DistillationMethod):
             from dataclasses import replace
 
             set_input_spec(self.student_arch, replace(s_spec, image_size=spec.image_size))
-        from ..model_view import StagesNotFoundError, model_view, run_from_middle
+        from ..models.middle import run_from_middle
+        from ..models.view import StagesNotFoundError, model_view
 
-        try:  # stages from what the libraries declare (hf_distill.model_view)
+        try:  # stages from what the libraries declare (hf_distill.models.view)
             t_view, s_view = model_view(teacher), model_view(self.student_arch)
             k = min(len(t_view.names()), len(s_view.names()))
             self.stage_names = t_view.names(num_groups=k)
@@ -195,9 +196,10 @@ class SFTN(DistillationMethod):
         return Layers(student=tuple(self.stage_names[:-1]))  # branch points on the model being trained (the teacher)
 
     def build_modules(self, teacher, teachers, probe):
-        from ..model_view import model_view, run_from_middle
+        from ..models.middle import run_from_middle
+        from ..models.view import model_view
         from ..models import input_spec
-        from ..taps import probe_features
+        from ..models.taps import probe_features
         from .fitnets import _token_layout
 
         spec = input_spec(self.student_arch)

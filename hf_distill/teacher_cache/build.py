@@ -103,7 +103,7 @@ def build_teacher_cache(
         on_shard_written: called with the shard number after each shard this process wrote.
         outputs: ``"logits"`` (the mean of the teachers' logits) or ``"features"`` (for
             ``distill_method="feature"``: each teacher's backbone features,
-            :func:`hf_distill.features.backbone_features`, stored per teacher).
+            :func:`hf_distill.models.features.backbone_features`, stored per teacher).
         feature_targets: with features, which to store: ``"summary"`` (a vector per image) and/or
             ``"spatial"`` (the teacher's map or patch grid).
         feature_grid: with features, average-pool each spatial map to at most this many cells a side
@@ -135,7 +135,7 @@ def build_teacher_cache(
     if outputs not in ("logits", "features"):
         raise ValueError(f"outputs must be 'logits' or 'features', got '{outputs}'")
     if outputs == "features":
-        from ..features import targets_of
+        from ..models.features import targets_of
 
         feature_targets = targets_of(list(feature_targets))
         if top_k or mixing is not None:

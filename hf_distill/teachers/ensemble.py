@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..taps import FeatureTaps
+from ..models.taps import FeatureTaps
 from ..models import (
     InputAdapter,
     InputSpec,
@@ -152,7 +152,7 @@ class Teachers(nn.Module):
             return logits, (self._taps.pop() if i == 0 and self._taps is not None else {})
         if kind == "until":
             return self._taps.run_until_complete(call_model, model, x)
-        from ..features import backbone_features
+        from ..models.features import backbone_features
 
         summary, spatial = backbone_features(model, x)
         return summary.float(), spatial.float()

@@ -25,14 +25,14 @@ _FORWARD_METHODS = ("forward_features", "forward_head", "forward_intermediates")
 
 def shard_blocks(model: nn.Module) -> list[nn.Module]:
     """The modules to shard one by one: a transformers model's ``_no_split_modules`` layers, or the blocks
-    of the stages :func:`hf_distill.stages.stage_names` finds (each child of a block container)."""
+    of the stages :func:`hf_distill.models.stages.stage_names` finds (each child of a block container)."""
     if is_transformers_model(model):
         names = set(getattr(model, "_no_split_modules", None) or [])
         blocks = [m for m in model.modules() if type(m).__name__ in names]
         if blocks:
             return blocks
     try:
-        from ..stages import stage_names
+        from ..models.stages import stage_names
 
         stages = stage_names(model)
     except Exception:  # a model the stage finder does not know: shard it as one unit
@@ -71,12 +71,12 @@ def shard_teacher(model: nn.Module, mesh) -> nn.Module:
 def directly_called_parts(model: nn.Module) -> list[nn.Module]:
     """Submodules that are run on their own, not through ``model.forward``: a transformers model's vision tower,
     CLIP's final norm (applied to the patch tokens too) and visual projection, which feature distillation calls
-    directly (:func:`hf_distill.features.backbone_features`). Each is then an FSDP unit of its own (inner ones
+    directly (:func:`hf_distill.models.features.backbone_features`). Each is then an FSDP unit of its own (inner ones
     first), so that calling it gathers its parameters; left in an outer unit they would stay sharded (DTensors
     meeting plain tensors)."""
     if not is_transformers_model(model):
         return []
-    from ..features import vision_backbone
+    from ..models.features import vision_backbone
 
     tower = vision_backbone(model)
     norm = getattr(tower, "post_layernorm", None)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..features import backbone_features
-from ..model_card import CardContext, measure_latency_ms, run_record
+from ..models.features import backbone_features
+from ..cards import CardContext, measure_latency_ms, run_record
 from ..models import count_parameters, display_name, forward_images, label_names_of, model_family, short_name
 
 

@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from ..features import export_backbone
+from ..models.features import export_backbone
 from ..models import load_native_weights, save_native
 
 EXTRA_MODULES_NAME = "distill_modules.safetensors"

@@ -7,9 +7,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..features import backbone_features, feature_shapes
+from ..models.features import backbone_features, feature_shapes
 from ..models import call_model, distillation_heads, is_transformers_model
-from ..taps import FeatureTaps, probe_features
+from ..models.taps import FeatureTaps, probe_features
 
 
 class DistillationModel(nn.Module):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..features import backbone_features, knn_accuracy
+from ..models.features import backbone_features, knn_accuracy
 from ..methods import StepOutputs
 from ..models import display_name
 from ..preprocessing import with_own_teacher_accuracy

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import _pair, input_spec, is_timm_model, is_transformers_model, set_input_spec
+from .calling import is_timm_model, is_transformers_model
+from .specs import _pair, input_spec, set_input_spec
 
 FEATURE_TARGETS = ("summary", "spatial")
 
@@ -46,7 +47,7 @@ def set_feature_layer(model: nn.Module, layer: str, num_prefix_tokens: int = 0) 
     grid of the input: the one stride that gives that many positions at the image's aspect ratio), a 4-D output as
     an NCHW map; the summary is the average over positions.
     """
-    from .taps import resolve_module
+    from .models.taps import resolve_module
 
     resolve_module(model, layer)  # a wrong name fails now, listing close names
     model.hf_distill_feature_layer = (layer, int(num_prefix_tokens))
@@ -75,7 +76,7 @@ def token_grid(n: int, image_size: Sequence[int], patch=None) -> tuple[int, int]
     """The ``(h, w)`` grid of ``n`` patch tokens of an ``image_size`` input: ``image // patch`` when the model
     declares a patch size that fits, else the one stride that gives ``n`` positions at the image's aspect ratio
     (hierarchical and pooled models, any input size, non-square too)."""
-    from .taps import _grid
+    from .layouts import _grid
 
     if patch is not None:
         p = _pair(patch)
@@ -95,7 +96,7 @@ def _output_fields(out) -> set[str]:
 
 
 def _transformers_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from .taps import num_prefix_tokens
+    from .layouts import num_prefix_tokens
 
     projection = None
     if type(model).__name__.endswith("WithProjection"):
@@ -107,7 +108,7 @@ def _transformers_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Ten
         tower = model.base_model
     if not is_transformers_model(tower) and hasattr(tower, "forward_features"):
         return _timm_features(tower, x)  # TimmWrapperModel: a timm model inside
-    from .models import image_input_name, image_inputs
+    from .calling import image_input_name, image_inputs
 
     if image_input_name(tower) != "pixel_values":
         raise FeatureExtractionError(f"{type(tower).__name__} does not take pixel_values (its forward takes "
@@ -134,7 +135,7 @@ def _transformers_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Ten
         tokens = out.feature_maps[-1]
     if tokens is None:
         raise FeatureExtractionError(f"{type(tower).__name__} gives neither last_hidden_state nor feature_maps: "
-                                     "declare a feature layer with hf_distill.features.set_feature_layer")
+                                     "declare a feature layer with hf_distill.models.features.set_feature_layer")
     config = tower.config
     if tokens.ndim == 4:  # a CNN backbone (ResNet, ConvNeXt): [B, C, h, w]
         pooled = getattr(out, "pooler_output", None)
@@ -168,7 +169,8 @@ def _timm_plan(model: nn.Module, x: torch.Tensor):
     map); ``("intermediates", same_final, keywords)``: the map is the last ``forward_intermediates`` output
     (pooled tokens as in PiT, unrolled ones as in Hiera, several branches as in CrossViT), and its final output is
     forward_features' when ``same_final``."""
-    from .taps import _DryRun, num_prefix_tokens
+    from .layouts import num_prefix_tokens
+    from .models.taps import _DryRun
 
     plans = getattr(model, "hf_distill_feature_plans", None)
     if plans is None:
@@ -196,7 +198,7 @@ def _timm_plan(model: nn.Module, x: torch.Tensor):
         if plan is None:
             raise FeatureExtractionError(f"cannot find the token grid of {type(model).__name__} (it has no "
                                          "forward_intermediates): declare a feature layer with "
-                                         "hf_distill.features.set_feature_layer")
+                                         "hf_distill.models.features.set_feature_layer")
         plans[key] = plan
         return plan
     same_final = isinstance(final, torch.Tensor) and isinstance(f, torch.Tensor) and final.shape == f.shape \
@@ -256,7 +258,7 @@ def _timm_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def _declared_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from .taps import FeatureTaps, default_call
+    from .models.taps import FeatureTaps, default_call
 
     layer, prefix = model.hf_distill_feature_layer
     taps = getattr(model, "hf_distill_feature_taps", None)
@@ -283,12 +285,12 @@ def backbone_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
         return _timm_features(model, x)
     raise FeatureExtractionError(
         f"{type(model).__name__} is neither a timm nor a transformers model: declare the layer whose output is its "
-        "feature with hf_distill.features.set_feature_layer(model, 'module.name')")
+        "feature with hf_distill.models.features.set_feature_layer(model, 'module.name')")
 
 
 def feature_shapes(model: nn.Module, x: torch.Tensor) -> tuple[int, int, tuple[int, int]]:
     """(summary width, spatial width, grid) from one dry forward (eval mode, no grad, modes restored)."""
-    from .taps import _DryRun
+    from .models.taps import _DryRun
 
     with _DryRun(model):
         summary, spatial = backbone_features(model, x)
@@ -384,8 +386,8 @@ def summary_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def spatial_loss(pred: torch.Tensor, target: torch.Tensor, cos_weight: float = 0.9,
                  smooth_l1_weight: float = 0.1) -> torch.Tensor:
     """Per location ``0.9 * (1 - cos) + 0.1 * smooth_L1`` (RADIO's mix), averaged over locations; ``pred``
-    is first brought to the teacher's grid (:func:`hf_distill.taps.resize_map`)."""
-    from .taps import resize_map
+    is first brought to the teacher's grid (:func:`hf_distill.models.taps.resize_map`)."""
+    from .layouts import resize_map
 
     pred = resize_map(pred.float(), target.shape[-2:])
     cos = (1 - F.cosine_similarity(pred, target.float(), dim=1)).mean()
@@ -394,7 +396,7 @@ def spatial_loss(pred: torch.Tensor, target: torch.Tensor, cos_weight: float = 0
 
 def per_sample_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cosine similarity per sample (``[B]``): of the vectors, or averaged over the map's locations."""
-    from .taps import resize_map
+    from .layouts import resize_map
 
     if pred.ndim == 4:
         pred = resize_map(pred.float(), target.shape[-2:])
@@ -498,7 +500,7 @@ class FeatureStudent(nn.Module):
 
         import safetensors.torch
 
-        from .models import load_model
+        from .loading import load_model
 
         folder = os.fspath(folder)
         path = os.path.join(folder, ADAPTORS_CONFIG)

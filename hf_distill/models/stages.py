@@ -15,11 +15,11 @@ of stage ``i`` is exactly the output of the module named ``stage_names[i]`` in t
 (forward hooks registered on those names see the same tensors).
 
 Why these hand-written splits remain: stages themselves are found for any model by
-:mod:`hf_distill.model_view` (from what timm / transformers declare), and any model can be run from
-the middle by :class:`hf_distill.model_view.MiddleRunner` (its own forward, the stage output
+:mod:`hf_distill.models.view` (from what timm / transformers declare), and any model can be run from
+the middle by :class:`hf_distill.models.middle.MiddleRunner` (its own forward, the stage output
 substituted, verified on a probe). But that runner also computes the stages before the branch point
 (without gradients, on a stand-in input); a split written out here runs only the later stages, so SFTN
-branches and early exit are cheaper for these families, and :func:`hf_distill.model_view.run_from_middle`
+branches and early exit are cheaper for these families, and :func:`hf_distill.models.middle.run_from_middle`
 uses it first.
 
 Built-in families (detected by class, never by instance name), as ``stem | stages | head``:
@@ -65,6 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .stage_families import _hf_families, _Spec, _timm_families
+
 __all__ = [
     "StagedModel",
     "UnsupportedModelError",
@@ -101,7 +103,7 @@ PSEUDO_MODULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 # One line, naming only what exists: split_model's keywords (the trainer finds stages itself, see
-# hf_distill.model_view, and runs models from the middle without a split where none is written here).
+# hf_distill.models.view, and runs models from the middle without a split where none is written here).
 _DECLARE_HELP = ("declare it: split_model(model, stage_names=[...], stem=[...], head=[...]), module names as in "
                  "model.named_modules() applied in order (head may use 'flatten', 'avgpool'; `hf-distill layers "
                  "MODEL` lists them)")
@@ -261,25 +263,6 @@ def _logits(out):
     return out.logits if hasattr(out, "logits") else out
 
 
-# ====================================================================== family specs
-class _Spec:
-    """Internal description of a built-in family.
-
-    ``units`` are the module names run in sequence between stem and head (each with a step
-    callable); ``candidates`` are the units allowed to end a stage; ``default_groups`` is the
-    default number of stages (``None``: every candidate ends a stage).
-    """
-
-    def __init__(self, family, stem, units, head, candidates=None, default_groups=None):
-        self.family = family
-        self.stem = list(stem)
-        self.units: list[tuple[str, Step]] = list(units)
-        self.head = list(head)
-        names = [n for n, _ in self.units]
-        self.candidates = list(candidates) if candidates is not None else names
-        self.default_groups = default_groups
-
-
 def even_ends(n: int, k: int) -> list[int]:
     """Indices (into a list of ``n``) of the ends of ``k`` groups as even as possible."""
     k = max(1, min(k, n))
@@ -325,227 +308,6 @@ def _build_from_spec(model, spec: _Spec, stage_names, num_groups) -> StagedModel
     # units after the last stage (only when the caller stopped early) belong to the head
     head = [step for _, step in spec.units[start:]] + spec.head
     return StagedModel(model, spec.stem, stages, head, ends_names, family=spec.family)
-
-
-def _module_unit(name: str) -> tuple[str, Step]:
-    return (name, name)
-
-
-# ---------------------------------------------------------------------- timm
-# Step callables are module-level functions (picklable, and they look modules up on the model at
-# call time, so deep copies and replaced submodules behave).
-
-def _timm_forward_head(model, h):
-    return model.forward_head(h)
-
-
-def _timm_vit_pos_embed(model, h):
-    return model._pos_embed(h)
-
-
-def _timm_families():
-    try:
-        from timm.models.convnext import ConvNeXt
-        from timm.models.efficientnet import EfficientNet
-        from timm.models.mobilenetv3 import MobileNetV3
-        from timm.models.regnet import RegNet
-        from timm.models.resnet import ResNet
-        from timm.models.vgg import VGG
-        from timm.models.vision_transformer import VisionTransformer
-    except Exception:  # timm missing or reorganised
-        return []
-    return [
-        (ResNet, _spec_timm_resnet),
-        (ConvNeXt, _spec_timm_convnext),
-        (EfficientNet, _spec_timm_efficientnet),
-        (MobileNetV3, _spec_timm_mobilenetv3),
-        (RegNet, _spec_timm_regnet),
-        (VGG, _spec_timm_vgg),
-        (VisionTransformer, _spec_timm_vit),
-    ]
-
-
-def _spec_timm_resnet(model):
-    # forward_features: conv1, bn1, act1, maxpool, layer1..layer4; forward_head: global_pool, dropout, fc
-    return _Spec(
-        "timm.ResNet",
-        stem=["conv1", "bn1", "act1", "maxpool"],
-        units=[_module_unit(f"layer{i}") for i in range(1, 5)],
-        head=[_timm_forward_head],
-    )
-
-
-def _spec_timm_convnext(model):
-    # forward_features: stem, stages, norm_pre; forward_head: head
-    return _Spec(
-        "timm.ConvNeXt",
-        stem=["stem"],
-        units=[_module_unit(f"stages.{i}") for i in range(len(model.stages))],
-        head=["norm_pre", _timm_forward_head],
-    )
-
-
-def _spec_timm_efficientnet(model):
-    # forward_features: conv_stem, bn1, blocks, conv_head, bn2; forward_head: global_pool, dropout, classifier
-    return _Spec(
-        "timm.EfficientNet",
-        stem=["conv_stem", "bn1"],
-        units=[_module_unit(f"blocks.{i}") for i in range(len(model.blocks))],
-        head=["conv_head", "bn2", _timm_forward_head],
-    )
-
-
-def _spec_timm_mobilenetv3(model):
-    # forward_features: conv_stem, bn1, blocks;
-    # forward_head: global_pool, conv_head, norm_head, act2, flatten, dropout, classifier
-    return _Spec(
-        "timm.MobileNetV3",
-        stem=["conv_stem", "bn1"],
-        units=[_module_unit(f"blocks.{i}") for i in range(len(model.blocks))],
-        head=[_timm_forward_head],
-    )
-
-
-def _spec_timm_regnet(model):
-    # forward_features: stem, s1..s4, final_conv; forward_head: head
-    return _Spec(
-        "timm.RegNet",
-        stem=["stem"],
-        units=[_module_unit(f"s{i}") for i in range(1, 5)],
-        head=["final_conv", _timm_forward_head],
-    )
-
-
-def _spec_timm_vgg(model):
-    # forward_features: features (Sequential of conv/[norm]/act/maxpool); forward_head: pre_logits, head.
-    # Stages end at each MaxPool (never at a conv followed by an in-place activation).
-    n = len(model.features)
-    units = [_module_unit(f"features.{i}") for i in range(n)]
-    candidates = [f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
-    if not candidates or candidates[-1] != f"features.{n - 1}":
-        candidates.append(f"features.{n - 1}")
-    return _Spec(
-        "timm.VGG",
-        stem=[],
-        units=units,
-        head=["pre_logits", "head"],
-        candidates=candidates,
-    )
-
-
-def _spec_timm_vit(model):
-    # forward_features: patch_embed, _pos_embed, patch_drop, norm_pre, blocks, norm
-    # forward_head (incl. VisionTransformerDistilled's): pool, fc_norm, head_drop, head
-    return _Spec(
-        "timm.VisionTransformer",
-        stem=["patch_embed", _timm_vit_pos_embed, "patch_drop", "norm_pre"],
-        units=[_module_unit(f"blocks.{i}") for i in range(len(model.blocks))],
-        head=["norm", _timm_forward_head],
-        default_groups=4,
-    )
-
-
-# ---------------------------------------------------------------------- transformers
-def _hf_resnet_head(model, h):
-    # ResNetModel: pooled = pooler(last_hidden_state); classifier = Sequential(Flatten, Linear)
-    return model.classifier(model.resnet.pooler(h))
-
-
-def _hf_convnext_head(model, h):
-    # ConvNextModel: pooled = layernorm(last_hidden_state.mean([-2, -1])); logits = classifier(pooled)
-    return model.classifier(model.convnext.layernorm(h.mean([-2, -1])))
-
-
-def _hf_vit_stem(model, x):
-    vit = model.vit
-    expected_dtype = vit.embeddings.patch_embeddings.projection.weight.dtype
-    if x.dtype != expected_dtype:
-        x = x.to(expected_dtype)
-    return vit.embeddings(x, bool_masked_pos=None, interpolate_pos_encoding=None)
-
-
-@functools.lru_cache(maxsize=None)
-def _hf_mask_fn():
-    try:
-        from transformers.masking_utils import create_bidirectional_mask
-    except ImportError:  # older transformers: no mask helper, layers take head_mask
-        return None
-    return create_bidirectional_mask
-
-
-def _hf_vit_layer(name, model, h):
-    # ViTModel.forward: attention_mask = create_bidirectional_mask(config, embeddings, None);
-    # hidden = layer(hidden, attention_mask) for each layer
-    mask = None
-    create_bidirectional_mask = _hf_mask_fn()
-    if create_bidirectional_mask is not None:
-        mask = create_bidirectional_mask(config=model.vit.config, inputs_embeds=h, attention_mask=None)
-    out = model.get_submodule(name)(h, mask)
-    if isinstance(out, tuple):  # older transformers return (hidden_states, ...)
-        out = out[0]
-    return out
-
-
-def _hf_vit_head(model, h):
-    sequence_output = model.vit.layernorm(h)
-    return model.classifier(sequence_output[:, 0, :])
-
-
-def _hf_families():
-    fams = []
-    try:
-        from transformers import ResNetForImageClassification
-
-        fams.append((ResNetForImageClassification, _spec_hf_resnet))
-    except Exception:
-        pass
-    try:
-        from transformers import ConvNextForImageClassification
-
-        fams.append((ConvNextForImageClassification, _spec_hf_convnext))
-    except Exception:
-        pass
-    try:
-        from transformers import ViTForImageClassification
-
-        fams.append((ViTForImageClassification, _spec_hf_vit))
-    except Exception:
-        pass
-    return fams
-
-
-def _spec_hf_resnet(model):
-    return _Spec(
-        "transformers.ResNetForImageClassification",
-        stem=["resnet.embedder"],
-        units=[_module_unit(f"resnet.encoder.stages.{i}") for i in range(len(model.resnet.encoder.stages))],
-        head=[_hf_resnet_head],
-    )
-
-
-def _spec_hf_convnext(model):
-    return _Spec(
-        "transformers.ConvNextForImageClassification",
-        stem=["convnext.embeddings"],
-        units=[_module_unit(f"convnext.encoder.stages.{i}") for i in range(len(model.convnext.encoder.stages))],
-        head=[_hf_convnext_head],
-    )
-
-
-def _spec_hf_vit(model):
-    vit = model.vit
-    if hasattr(vit, "layers"):
-        prefix, layers = "vit.layers", vit.layers
-    else:  # transformers < 5 layout
-        prefix, layers = "vit.encoder.layer", vit.encoder.layer
-    names = [f"{prefix}.{i}" for i in range(len(layers))]
-    return _Spec(
-        "transformers.ViTForImageClassification",
-        stem=[_hf_vit_stem],
-        units=[(n, functools.partial(_hf_vit_layer, n)) for n in names],
-        head=[_hf_vit_head],
-        default_groups=4,
-    )
 
 
 # Methods whose override by a subclass makes the built-in split unsafe.

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .taps import NCHW, NHWC, TOKENS, to_nchw
+from .layouts import NCHW, NHWC, TOKENS, to_nchw
 
 EXITS_WEIGHTS = "exits.safetensors"
 EXITS_CONFIG = "exits_config.json"
@@ -49,7 +49,7 @@ class ExitSpec:
     num_classes: int
     num_prefix_tokens: int = 0
     bottleneck: str = "conv"  # exits saved before "sepconv" existed have no such field
-    # token grids at the probe (hf_distill.model_view), for tokens compared as maps (hierarchical token
+    # token grids at the probe (hf_distill.models.view), for tokens compared as maps (hierarchical token
     # models, tokens facing maps); None: square
     in_grid: Optional[tuple[int, int]] = None
     out_grid: Optional[tuple[int, int]] = None
@@ -177,7 +177,7 @@ class MultiExitModel(nn.Module):
 
     def __init__(self, student: nn.Module, exits: nn.ModuleList, stage_names: Sequence[str], staged=None):
         super().__init__()
-        from .model_view import run_from_middle
+        from .middle import run_from_middle
 
         self.student = student
         self.exits = exits
@@ -279,7 +279,7 @@ class MultiExitModel(nn.Module):
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         import safetensors.torch
 
-        from .models import save_native
+        from .saving import save_native
 
         folder = Path(folder)
         save_native(self.student, folder)
@@ -294,7 +294,7 @@ class MultiExitModel(nn.Module):
         """Load a folder written by ``byot_export_exits=True`` (or :meth:`save_pretrained`)."""
         import safetensors.torch
 
-        from .models import load_model
+        from .loading import load_model
 
         folder = Path(folder)
         config_path = folder / EXITS_CONFIG
