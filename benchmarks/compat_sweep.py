@@ -242,6 +242,9 @@ def _reload_same(model, out, backbone=False):
         import transformers
 
         auto = transformers.AutoModel if backbone else transformers.AutoModelForImageClassification
+        config = transformers.AutoConfig.from_pretrained(out)
+        if type(config) not in auto._model_mapping:  # a type the Auto class does not map: the class the config names
+            auto = getattr(transformers, config.architectures[0])
         back = auto.from_pretrained(out)
     else:
         back = timm.create_model(f"local-dir:{out}", pretrained=True)

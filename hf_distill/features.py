@@ -149,6 +149,11 @@ def _transformers_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Ten
     summary = getattr(out, "image_embeds", None)
     if summary is None:
         pooled = getattr(out, "pooler_output", None)
+        # a pooler the class builds only on request (Data2VecVisionModel(add_pooling_layer=False)) is gone once the
+        # exported backbone reloads with AutoModel: the summary must not depend on it
+        on_request = inspect.signature(type(tower).__init__).parameters.get("add_pooling_layer")
+        if on_request is not None and on_request.default is False:
+            pooled = None
         if str(config.model_type) in ("vit", "deit") or pooled is None or pooled.ndim != 2:
             # ViT's optional pooler is a tanh layer trained for nothing here: the normed class token is the summary
             pooled = tokens[:, 0] if prefix else tokens.mean(1)
