@@ -243,9 +243,9 @@ def _timm_token_grids(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int,
     for feat in inter if isinstance(inter, (list, tuple)) else []:
         if isinstance(feat, torch.Tensor) and feat.ndim == 4:
             for n, t in seen:
-                if t.ndim == 3 and n not in grids and _as_map_candidates(t, feat.shape):
-                    if any(torch.equal(c, feat) for c in _as_map_candidates(t, feat.shape)):
-                        grids[n] = (int(feat.shape[-2]), int(feat.shape[-1]))
+                if t.ndim == 3 and n not in grids and any(torch.equal(c, feat)
+                                                          for c in _as_map_candidates(t, feat.shape)):
+                    grids[n] = (int(feat.shape[-2]), int(feat.shape[-1]))
     return grids
 
 
