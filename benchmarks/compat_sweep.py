@@ -136,7 +136,7 @@ def build_transformers(row):
     base = CONFIG_MAPPING[row["family"]]()
     base.num_labels = 10
     errors = []
-    from hf_distill.models import input_spec
+    from hf_distill.models import forward_images, input_spec
 
     def shrunk():
         return _shrunk(base)
@@ -151,7 +151,7 @@ def build_transformers(row):
                 spec = input_spec(model)
                 side = SMALL if small else spec.image_size[0]
                 with torch.no_grad():
-                    model(pixel_values=torch.randn(2, spec.in_chans, side, side))
+                    forward_images(model, torch.randn(2, spec.in_chans, side, side))  # SigLIP 2 takes patches
                 return model, f"{what} config, {side}px", (side, side)
             except Exception as err:  # noqa: BLE001
                 errors.append(f"{what}/{'small' if small else 'own size'}: {_line(err)}")
