@@ -136,7 +136,7 @@ def build_transformers(row):
     base = CONFIG_MAPPING[row["family"]]()
     base.num_labels = 10
     errors = []
-    from hf_distill.models import input_spec
+    from hf_distill.models import forward_images, input_spec
 
     def shrunk():
         return _shrunk(base)
@@ -151,7 +151,7 @@ def build_transformers(row):
                 spec = input_spec(model)
                 side = SMALL if small else spec.image_size[0]
                 with torch.no_grad():
-                    model(pixel_values=torch.randn(2, spec.in_chans, side, side))
+                    forward_images(model, torch.randn(2, spec.in_chans, side, side))  # SigLIP 2 takes patches
                 return model, f"{what} config, {side}px", (side, side)
             except Exception as err:  # noqa: BLE001
                 errors.append(f"{what}/{'small' if small else 'own size'}: {_line(err)}")
@@ -242,6 +242,9 @@ def _reload_same(model, out, backbone=False):
         import transformers
 
         auto = transformers.AutoModel if backbone else transformers.AutoModelForImageClassification
+        config = transformers.AutoConfig.from_pretrained(out)
+        if type(config) not in auto._model_mapping:  # a type the Auto class does not map: the class the config names
+            auto = getattr(transformers, config.architectures[0])
         back = auto.from_pretrained(out)
     else:
         back = timm.create_model(f"local-dir:{out}", pretrained=True)

@@ -272,3 +272,116 @@ def test_layers_command_shows_the_discovered_stages(capsys, tmp_path):
     hf("swin").save_pretrained(tmp_path / "swin")  # a transformers folder: hidden states, reshaped grids
     main(["layers", str(tmp_path / "swin")])
     assert "transformers hidden_states (reshaped)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ known sweep failures
+def test_weights_shared_by_modules_save_and_reload_to_identical_outputs(tmp_path):
+    """CoaT's blocks share their conv position encodings: safetensors refuses shared tensors, so each name
+    is written (one copy each) and timm's strict load fills them back, still shared."""
+    from hf_distill.models import load_native_weights, save_native
+
+    m = _timm("coat_tiny", 1, img_size=32, embed_dims=(16, 16, 16, 16), serial_depths=(1, 1, 1, 1),
+              parallel_depth=0, num_heads=8).eval()
+    assert m.serial_blocks1[0].cpe is m.cpe1  # the case: one module under two names
+    save_native(m, tmp_path / "coat")
+    back = timm.create_model(f"local-dir:{tmp_path / 'coat'}", pretrained=True).eval()
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(m(x), back(x))
+    assert back.serial_blocks1[0].cpe is back.cpe1
+    plain = Plain()
+    plain.tied = plain.block1  # a plain module: the same weights under two names
+    nn.init.normal_(plain.block1[0].weight)
+    save_native(plain, tmp_path / "plain")
+    again = Plain()
+    again.tied = again.block1
+    load_native_weights(again, tmp_path / "plain")
+    assert torch.equal(again.block1[0].weight, plain.block1[0].weight) and again.tied is again.block1
+
+
+def test_byot_exits_before_a_class_token_joins_compare_maps(data, make_args):
+    """ConViT adds its class token after the first blocks (16 tokens, then 1 + 16): the exits there and the
+    deepest feature are compared as maps on the patch grid, not as token sequences of another length."""
+    student = _timm("convit_tiny", 1, img_size=32, patch_size=8, embed_dim=16, depth=4, local_up_to_layer=2,
+                    num_heads=2)
+    t = _trainer(student, data, make_args, distill_method="byot")
+    assert [s.num_prefix_tokens for s in model_view(student).stages] == [0, 0, 1, 1]
+    assert not any(head.tokens for head in t.extra_modules.values())
+    batch = collate_images([data[i] for i in range(4)])
+    t.model.train()
+    loss = t.compute_loss(t.model, batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert t.extra_modules["exit1"].bottleneck[0].weight.grad.abs().sum() > 0
+
+
+def test_pooler_built_only_on_request_is_not_the_feature_summary(tmp_path):
+    """Data2VecVisionModel builds its pooler only when asked (add_pooling_layer=False): the exported
+    backbone reloads with AutoModel without it, so the summary hf_distill trains must not come from it."""
+    import transformers as tr
+
+    from hf_distill.models.features import backbone_features, export_backbone
+    from hf_distill.models import save_native
+
+    torch.manual_seed(0)
+    m = tr.Data2VecVisionForImageClassification(tr.Data2VecVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=10, num_channels=1, use_mean_pooling=True)).eval()
+    set_input_spec(m, SPEC)
+    backbone = export_backbone(m)
+    assert backbone.pooler is not None  # the classifier's base model has one
+    save_native(backbone, tmp_path / "b")
+    back = tr.AutoModel.from_pretrained(tmp_path / "b").eval()
+    assert back.pooler is None
+    x = _x()
+    with torch.no_grad():
+        ours, theirs = backbone_features(backbone, x), backbone_features(back, x)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_backbone_automodel_does_not_map_loads_with_the_class_its_config_names(tmp_path):
+    """transformers 5.25 maps MetaClip 2's whole model but not its vision tower through AutoModel: the
+    exported tower loads with the class its config names."""
+    import transformers as tr
+
+    from hf_distill import load_model
+    from hf_distill.models.features import backbone_features
+    from hf_distill.models import save_native
+
+    torch.manual_seed(0)
+    tower = tr.MetaClip2VisionModel(tr.MetaClip2VisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_channels=1)).eval()
+    set_input_spec(tower, SPEC)
+    save_native(tower, tmp_path / "t")
+    with pytest.raises(ValueError):
+        tr.AutoModel.from_pretrained(tmp_path / "t")  # the case: AutoModel does not know the type
+    back = load_model(str(tmp_path / "t"), backbone=True).eval()
+    assert type(back) is tr.MetaClip2VisionModel
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(backbone_features(tower, x)[0], backbone_features(back, x)[0])
+
+
+def test_token_grids_come_from_the_model_at_a_non_square_size():
+    """Twins has no single patch_embed (one per stage): its grids are read from forward_intermediates at the
+    real input size, never a square guessed from the token count; Hiera's reshaped maps are channels-last."""
+    import transformers as tr
+
+    from hf_distill.models import InputSpec
+
+    spec = InputSpec(mean=(0.5,), std=(0.5,), image_size=(32, 64), in_chans=1)
+    twins = _timm("twins_svt_small", 0, img_size=(32, 64), embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1),
+                  num_heads=(1, 1, 1, 1))
+    set_input_spec(twins, spec)
+    view = model_view(twins)
+    assert [(s.grid, s.num_prefix_tokens) for s in view.stages] == [((8, 16), 0), ((4, 8), 0), ((2, 4), 0), ((1, 2), 0)]
+    tokens = twins.forward_features(_x(size=(32, 64)))
+    assert tuple(tokens_to_map(tokens, view.stages[-1]).shape) == (2, 16, 1, 2)
+
+    torch.manual_seed(0)
+    hiera = tr.HieraForImageClassification(tr.HieraConfig(
+        image_size=[32, 64], embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], num_labels=10,
+        num_channels=1, mlp_ratio=2.0))
+    set_input_spec(hiera, spec)
+    assert [s.grid for s in model_view(hiera).stages] == [(8, 16), (4, 8), (2, 4), (1, 2)]

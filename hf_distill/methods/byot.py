@@ -155,9 +155,11 @@ class BeYourOwnTeacher(DistillationMethod):
             raise ValueError("byot needs to know the student's number of classes (num_classes / num_labels)")
         exits = nn.ModuleDict()
         shapes = {layer: probe["student"][layer] for layer in self.exit_layers}
-        # tokens stay tokens only when every exit has the deepest token count (ViT); otherwise all compare maps
+        # tokens stay tokens only when every exit has the deepest token count and prefix tokens (ViT); otherwise
+        # all compare maps (ConViT adds its class token after the first blocks: 16 tokens, then 1 + 16)
         self._deepest_as_map = self._deepest_layout != TOKENS or any(
-            layout != TOKENS or shape[1] - _token_layout(student, layer, shape, layout)[0] != out_shape[1] - self._prefix
+            layout != TOKENS or shape[1] != out_shape[1]
+            or _token_layout(student, layer, shape, layout)[0] != self._prefix
             for layer, (shape, layout) in shapes.items())
         for i, layer in enumerate(self.exit_layers):
             shape, layout = shapes[layer]

@@ -47,7 +47,7 @@ def set_feature_layer(model: nn.Module, layer: str, num_prefix_tokens: int = 0) 
     grid of the input: the one stride that gives that many positions at the image's aspect ratio), a 4-D output as
     an NCHW map; the summary is the average over positions.
     """
-    from .models.taps import resolve_module
+    from .taps import resolve_module
 
     resolve_module(model, layer)  # a wrong name fails now, listing close names
     model.hf_distill_feature_layer = (layer, int(num_prefix_tokens))
@@ -150,6 +150,11 @@ def _transformers_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Ten
     summary = getattr(out, "image_embeds", None)
     if summary is None:
         pooled = getattr(out, "pooler_output", None)
+        # a pooler the class builds only on request (Data2VecVisionModel(add_pooling_layer=False)) is gone once the
+        # exported backbone reloads with AutoModel: the summary must not depend on it
+        on_request = inspect.signature(type(tower).__init__).parameters.get("add_pooling_layer")
+        if on_request is not None and on_request.default is False:
+            pooled = None
         if str(config.model_type) in ("vit", "deit") or pooled is None or pooled.ndim != 2:
             # ViT's optional pooler is a tanh layer trained for nothing here: the normed class token is the summary
             pooled = tokens[:, 0] if prefix else tokens.mean(1)
@@ -170,7 +175,7 @@ def _timm_plan(model: nn.Module, x: torch.Tensor):
     (pooled tokens as in PiT, unrolled ones as in Hiera, several branches as in CrossViT), and its final output is
     forward_features' when ``same_final``."""
     from .layouts import num_prefix_tokens
-    from .models.taps import _DryRun
+    from .taps import _DryRun
 
     plans = getattr(model, "hf_distill_feature_plans", None)
     if plans is None:
@@ -258,7 +263,7 @@ def _timm_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def _declared_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from .models.taps import FeatureTaps, default_call
+    from .taps import FeatureTaps, default_call
 
     layer, prefix = model.hf_distill_feature_layer
     taps = getattr(model, "hf_distill_feature_taps", None)
@@ -290,7 +295,7 @@ def backbone_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
 
 def feature_shapes(model: nn.Module, x: torch.Tensor) -> tuple[int, int, tuple[int, int]]:
     """(summary width, spatial width, grid) from one dry forward (eval mode, no grad, modes restored)."""
-    from .models.taps import _DryRun
+    from .taps import _DryRun
 
     with _DryRun(model):
         summary, spatial = backbone_features(model, x)

@@ -286,7 +286,7 @@ def _input_size_error(model: nn.Module, size: Sequence[int], backbone: bool = Fa
     try:
         with torch.no_grad():
             if backbone:
-                from .models.features import backbone_features
+                from .features import backbone_features
 
                 backbone_features(model, x)
             else:
@@ -305,7 +305,7 @@ def _set_input_size(model: nn.Module, name: str, size: int, backbone: bool) -> N
 
     spec = input_spec(model)
     err = _input_size_error(model, (size, size), backbone)
-    from .models.features import FeatureExtractionError
+    from .features import FeatureExtractionError
 
     if isinstance(err, FeatureExtractionError):  # its features cannot be read at any size: say why
         raise err
@@ -399,6 +399,14 @@ def _config_for_size(config, image_size: int | None) -> None:
             cfg.image_size = image_size if isinstance(cfg.image_size, int) else [image_size] * len(cfg.image_size)
 
 
+def _class_named_by(config):
+    """The transformers class a saved config names in ``architectures`` (None when it names none we have)."""
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    return getattr(transformers, archs[0], None) if archs else None
+
+
 def _load_transformers_backbone(name, revision, cache_dir, token, pretrained, auto_model, auto_config,
                                 auto_processor, image_size=None, **kwargs) -> nn.Module:
     """A transformers checkpoint as its base model (``AutoModel``): the backbone feature distillation reads; a
@@ -413,6 +421,8 @@ def _load_transformers_backbone(name, revision, cache_dir, token, pretrained, au
         backbone_class = None
         if type(config) not in auto_model._model_mapping and type(config) in AutoBackbone._model_mapping:
             backbone_class = AutoBackbone._model_mapping[type(config)]  # its class: AutoBackbone asks the Hub
+        elif type(config) not in auto_model._model_mapping:  # a tower AutoModel does not map (MetaClip 2's vision
+            backbone_class = _class_named_by(config)         # model in transformers 5.25): the class its config names
         if has_weights and pretrained:
             model = _backbone_from_pretrained(backbone_class or auto_model, name, **hub_kw, **kwargs)
         else:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .calling import logits_of
 from .layouts import feature_tensor
-from .models.taps import FeatureTaps, _DryRun, default_call, resolve_module
+from .taps import FeatureTaps, _DryRun, default_call, resolve_module
 from .view import StagesNotFoundError, _in_chans, _own_size, _probe_input, _unwrap
 
 __all__ = ["MiddleRunner", "run_from_middle"]
@@ -160,7 +160,7 @@ def run_from_middle(model: nn.Module, stage_names: Sequence[str]):
     :mod:`hf_distill.models.stages` where it covers the model (it runs only the later stages, where the
     runner also runs the earlier ones, without gradients, on a stand-in input), else a
     :class:`MiddleRunner` verified on a probe. Raises :class:`StagesNotFoundError` (one line)."""
-    from .models.stages import UnsupportedModelError, split_model
+    from .stages import UnsupportedModelError, split_model
 
     model = _unwrap(model)
     try:

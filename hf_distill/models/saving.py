@@ -42,21 +42,22 @@ def save_native(model: nn.Module, output_dir: str | os.PathLike, state_dict: dic
 
         export_processor(model).save_pretrained(output_dir)
     elif family == "timm":
-        from timm.models import save_for_hf
+        from timm.models._hub import save_config_for_hf
 
         from ..preprocessing import timm_data_config
 
         spec = input_spec(model)
-        save_for_hf(
+        # timm's save_for_hf = these two steps, but its save_file refuses weights that modules share (CoaT's
+        # shared conv position encodings); _contiguous saves a copy per name, which timm's strict load fills.
+        save_config_for_hf(
             model,
-            str(output_dir),
+            str(output_dir / "config.json"),
             model_config={"label_names": label_names_of(model)} if label_names_of(model) else None,
-            safe_serialization=True,
             data_config=timm_data_config(spec),  # squash to the input size, as the run evaluated
         )
         _drop_weight_provenance(output_dir / "config.json")
-        if state_dict is not None:  # save_for_hf saves the live weights; honour an explicit state dict
-            safetensors.torch.save_file(_contiguous(state_dict), str(output_dir / WEIGHTS_NAME))
+        sd = state_dict if state_dict is not None else model.state_dict()
+        safetensors.torch.save_file(_contiguous(sd), str(output_dir / WEIGHTS_NAME))
     else:
         sd = state_dict if state_dict is not None else model.state_dict()
         safetensors.torch.save_file(_contiguous(sd), str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -100,7 +101,15 @@ def _drop_weight_provenance(config_path: Path) -> None:
 
 
 def _contiguous(sd: dict) -> dict:
-    return {k: v.detach().contiguous() for k, v in sd.items()}
+    # safetensors refuses tensors that share memory (weights shared by modules, views): a copy for each
+    # name after the first keeps every key, so a strict load_state_dict (timm, plain modules) still fits.
+    seen, out = set(), {}
+    for k, v in sd.items():
+        v = v.detach()
+        key = (v.untyped_storage().data_ptr(), v.device) if v.numel() else None
+        out[k] = v.clone().contiguous() if key in seen else v.contiguous()
+        seen.add(key)
+    return out
 
 
 def _default_processor(model: nn.Module):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 if TYPE_CHECKING:
-    from .models.stages import Step
+    from .stages import Step
 
 
 # ====================================================================== family specs

@@ -40,8 +40,8 @@ from torch import nn
 from .calling import is_timm_model, is_transformers_model
 from .layouts import NCHW, NHWC, TOKENS, VECTOR, feature_tensor, to_nchw
 from .specs import input_spec
-from .models.stages import even_ends
-from .models.taps import _DryRun, _first_param, default_call
+from .stages import even_ends
+from .taps import _DryRun, _first_param, default_call
 
 __all__ = ["Stage", "ModelView", "StagesNotFoundError", "model_view", "token_grid", "tokens_to_map",
            "stage_image_size", "format_stages"]
@@ -146,7 +146,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _own_size(model: nn.Module) -> tuple[int, int]:
-    from .models.taps import _own_image_size
+    from .taps import _own_image_size
 
     try:
         return tuple(_own_image_size(model))
@@ -229,6 +229,25 @@ def _timm_intermediates(model: nn.Module, x: torch.Tensor) -> list[str]:
     return names
 
 
+def _timm_token_grids(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """``{module: (h, w)}`` for the token outputs that timm's ``forward_intermediates`` lays as maps at ``x``'s
+    size: the model's own grid (non-square inputs, models without one ``patch_embed`` such as Twins)."""
+    if getattr(model, "forward_intermediates", None) is None:
+        return {}
+    try:
+        inter, seen = _record_outputs(model, x, lambda m, t: m.forward_intermediates(t, intermediates_only=True))
+    except Exception:  # noqa: BLE001 - not implemented for this model
+        return {}
+    grids = {}
+    for feat in inter if isinstance(inter, (list, tuple)) else []:
+        if isinstance(feat, torch.Tensor) and feat.ndim == 4:
+            for n, t in seen:
+                if t.ndim == 3 and n not in grids and any(torch.equal(c, feat)
+                                                          for c in _as_map_candidates(t, feat.shape)):
+                    grids[n] = (int(feat.shape[-2]), int(feat.shape[-1]))
+    return grids
+
+
 def _record_outputs(model, x, call, **kw) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
     """The model output and ``(name, feature tensor)`` of every module call, in call-finish order."""
     seen: list[tuple[str, torch.Tensor]] = []
@@ -292,7 +311,12 @@ def _transformers_candidates(model: nn.Module, x: torch.Tensor) -> tuple[list[st
         names.append(name)
         r = reshaped[j] if j < len(reshaped) else None
         if isinstance(r, torch.Tensor) and r.ndim == 4 and hs.ndim == 3:
-            grids[name] = (int(r.shape[-2]), int(r.shape[-1]))
+            # NCHW (Swin, FocalNet) or channels-last (Hiera): the channels are the tokens' width; when both fit
+            # (as many channels as rows), the grid with the input's aspect ratio
+            c, (H, W) = hs.shape[-1], x.shape[-2:]
+            fits = [(int(r.shape[2]), int(r.shape[3]))] if r.shape[1] == c else []
+            fits += [(int(r.shape[1]), int(r.shape[2]))] if r.shape[3] == c else []
+            grids[name] = min(fits or [tuple(r.shape[-2:])], key=lambda g: abs(H / g[0] - W / g[1]))
         elif hs.ndim == 4 and dict(seen).get(name) is not None and dict(seen)[name].ndim == 3:
             grids[name] = (int(hs.shape[-2]), int(hs.shape[-1]))
     return names, grids
@@ -375,7 +399,7 @@ def model_view(model: nn.Module, call: Callable | None = None) -> ModelView:
 
 
 def _measure(model, names, source, x, size, grids, reductions, call) -> ModelView:
-    from .models.taps import probe_features
+    from .taps import probe_features
 
     try:
         probe = _probe_each(model, names, x, call, probe_features)
@@ -385,6 +409,7 @@ def _measure(model, names, source, x, size, grids, reductions, call) -> ModelVie
                                   f"{NAME_THEM}") from None
     H, W = size
     stages = []
+    own = None  # timm: the grids forward_intermediates lays the tokens on at this size, read once
     for name in names:
         if name not in probe:
             continue
@@ -394,10 +419,15 @@ def _measure(model, names, source, x, size, grids, reductions, call) -> ModelVie
         if layout == TOKENS:
             n, channels = shape[1], shape[2]
             stride = reductions.get(name) or _patch_stride(model)
+            if own is None:
+                own = _timm_token_grids(model, x) if is_timm_model(model) else {}
             try:
-                if grids.get(name) is None and not stride:
+                if name in own:  # the model's own grid wins over one guessed from a stride
+                    (h, w), prefix = own[name], n - own[name][0] * own[name][1]
+                elif grids.get(name) is None and not stride:
                     raise ValueError
-                prefix, h, w = token_grid(n, size, stride, grids.get(name), _expected_prefix(model))
+                else:
+                    prefix, h, w = token_grid(n, size, stride, grids.get(name), _expected_prefix(model))
             except ValueError:
                 prefix, h, w = _grid_from_count(n)
         else:
