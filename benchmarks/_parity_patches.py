@@ -148,7 +148,7 @@ PIECES = {
     "train": _NoTrainPerStep,
     "groups": _OneParamGroup,
 }
-PROPOSED = ("grad_norm", "autocast", "progress")
+PROPOSED = ("grad_norm", "autocast")
 
 
 def trainer_class(pieces) -> type:

@@ -154,7 +154,8 @@ def steady(marks, warmup: int) -> dict[str, float]:
 
 
 class HF:
-    """``trainer.train()`` over the batches; ``pieces``: prototype fixes of _parity_patches (none: the package as is)."""
+    """``trainer.train()`` over the batches; ``pieces``: prototype fixes of _parity_patches (none: the package
+    as is)."""
 
     def __init__(self, teacher, student, batches, out_dir, clip=0.0, method="kd", pieces=(), **kw):
         from _parity_patches import trainer_class
@@ -300,7 +301,8 @@ def main(argv=None):
             t = times[clock]
             r, per = paired(t, "hf_distill", "timm")
             ratios[(pair, clock)] = r
-            row = [pair, clock, load, f"{statistics.median(t['hf_distill']):.1f}", f"{statistics.median(t['timm']):.1f}",
+            row = [pair, clock, load, f"{statistics.median(t['hf_distill']):.1f}",
+                   f"{statistics.median(t['timm']):.1f}",
                    f"**{r:.3f}**", f"{min(per):.3f}-{max(per):.3f}", " ".join(f"{x:.3f}" for x in per)]
             if not args.no_clip_runner:
                 rc, _ = paired(t, "hf_distill clip 1.0", "hf_distill")
