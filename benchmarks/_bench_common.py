@@ -306,12 +306,12 @@ class TrainerStep:
         self.trainer._logged_terms.clear()
 
 
-def make_trainer(student, teacher, batches, out_dir, lr, temperature, alpha, **kw):
+def make_trainer(student, teacher, batches, out_dir, lr, temperature, alpha, trainer_cls=None, **kw):
     from hf_distill import DistillationTrainer
 
     args = make_args(out_dir, lr, temperature, alpha, **kw)
-    return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=BatchDataset(batches),
-                               data_collator=first_of)
+    return (trainer_cls or DistillationTrainer)(model=student, teacher_model=teacher, args=args,
+                                                train_dataset=BatchDataset(batches), data_collator=first_of)
 
 
 # --------------------------------------------------------------------------------------- timing

@@ -14,8 +14,11 @@ default costs. Each model keeps its own normalisation (timm's ``pretrained_cfg``
 re-normalise the batch for the teacher where they differ (ViT 0.5/0.5 vs ImageNet statistics).
 
 Runners alternate by repetition (order rotated), each a full loop over the batches; per repetition the
-steady ms/step (first ``--warmup`` steps left out), on two clocks (wall, CPU time of this process).
-Ratio = hf_distill / timm, paired per repetition, median over repetitions.
+steady ms/step (first ``--warmup`` steps left out), on three clocks (wall, CPU time of this process, and the
+lower quartile of the steps' CPU times, the most robust to other jobs on the machine).
+Ratio = hf_distill / timm, paired per repetition, median over repetitions. ``--patched`` adds the Trainer with
+the prototype fixes of ``_parity_patches.py`` (what ``results/parity_profile.md`` proposes for the trainer),
+``--control`` a second timm loop (the noise floor of the run).
 
 Compiled / eager on CPU (inductor, ``TORCHINDUCTOR_COMPILE_THREADS=1``): the student's training step
 (``distill_method="supervised"``, ``torch_compile=True``) and the teacher's inference
@@ -63,13 +66,37 @@ def parse(argv=None):
     p.add_argument("--compile-only", action="store_true", help="only the compiled / eager part")
     p.add_argument("--compile-pairs", type=int, default=len(COMPILE_PAIRS),
                    help=f"how many of the compiled / eager pairs to run (default all {len(COMPILE_PAIRS)}: CNN, ViT)")
+    p.add_argument("--pairs", type=int, nargs="+", default=None, help="indices into PAIRS (default all; quick 0 1)")
+    p.add_argument("--patched", nargs="*", default=None,
+                   help="also time the Trainer with these prototype fixes of _parity_patches.py (no names: the "
+                        "proposed ones)")
+    p.add_argument("--control", action="store_true", help="also time a second timm loop (the noise floor)")
+    p.add_argument("--no-clip-runner", action="store_true", help="leave out the max_grad_norm=1.0 runner")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    if a.patched is not None and not a.patched:
+        from _parity_patches import PROPOSED
+
+        a.patched = list(PROPOSED)
     a.reps = a.reps or (2 if a.quick else 5)
     a.steps = a.steps or (4 if a.quick else 10)
     a.out = a.out or (f"{NAME}_quick" if a.quick else f"{NAME}_compile" if a.compile_only else NAME)
     a.child = None
     return a
+
+
+class Linear(nn.Module):
+    """``"linear"``: flatten + one linear layer, with the attributes timm's task reads. Almost no compute, so a
+    step's time is the loop's own machinery (profile_parity.py measures the overhead per step with it)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.num_classes, self.in_chans = C.NUM_CLASSES, 3
+        self.pretrained_cfg = {"mean": C.IMAGENET_MEAN, "std": C.IMAGENET_STD}
+        self.fc = nn.Linear(3 * size * size, C.NUM_CLASSES)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
 
 
 def make(name: str, size: int, seed: int) -> nn.Module:
@@ -79,6 +106,11 @@ def make(name: str, size: int, seed: int) -> nn.Module:
     from hf_distill.models import InputSpec, set_input_spec
 
     torch.manual_seed(seed)
+    if name == "linear":
+        model = Linear(size)
+        set_input_spec(model, InputSpec(mean=C.IMAGENET_MEAN, std=C.IMAGENET_STD, image_size=(size, size),
+                                        in_chans=3))
+        return model
     kw = {"img_size": size} if "vit" in name else {}
     model = timm.create_model(name, pretrained=False, num_classes=C.NUM_CLASSES, **kw)
     cfg = model.pretrained_cfg
@@ -106,18 +138,31 @@ class StepMarks:
         self.callback = _CB()
 
 
+CLOCKS = ("wall", "cpu", "cpu q1")
+
+
 def steady(marks, warmup: int) -> dict[str, float]:
-    """ms/step per clock over the steps after ``warmup`` (marks[0] is the start)."""
+    """ms/step per clock over the steps after ``warmup`` (marks[0] is the start): the mean on the wall and
+    CPU clocks, and ``cpu q1``, the lower quartile of the steps' CPU times (other jobs on the machine only
+    ever add to a step's CPU time, through shared caches and cores, so a low quantile is what moves least
+    with the load)."""
     marks = marks[warmup:]
     n = len(marks) - 1
-    return {"wall": (marks[-1][0] - marks[0][0]) / n * 1e3, "cpu": (marks[-1][1] - marks[0][1]) / n * 1e3}
+    steps = sorted(b[1] - a[1] for a, b in zip(marks, marks[1:]))
+    return {"wall": (marks[-1][0] - marks[0][0]) / n * 1e3, "cpu": (marks[-1][1] - marks[0][1]) / n * 1e3,
+            "cpu q1": steps[(n - 1) // 4] * 1e3}
 
 
 class HF:
-    def __init__(self, teacher, student, batches, out_dir, clip=0.0, method="kd", **kw):
+    """``trainer.train()`` over the batches; ``pieces``: prototype fixes of _parity_patches (none: the package
+    as is)."""
+
+    def __init__(self, teacher, student, batches, out_dir, clip=0.0, method="kd", pieces=(), **kw):
+        from _parity_patches import trainer_class
+
         self.trainer = C.make_trainer(C.fresh(student), C.fresh(teacher) if teacher is not None else None, batches,
                                       out_dir, LR, TEMPERATURE, ALPHA if method != "supervised" else None,
-                                      max_steps=len(batches), max_grad_norm=clip,
+                                      trainer_cls=trainer_class(pieces), max_steps=len(batches), max_grad_norm=clip,
                                       lr_scheduler_type="constant", distill_method=method, logging_steps=10**6, **kw)
         self.clock = StepMarks()
         self.trainer.add_callback(self.clock.callback)
@@ -193,7 +238,7 @@ def interleaved(runners: dict, reps: int, warmup: int) -> dict:
     names = list(runners)
     for name in names:
         runners[name].run(warmup)
-    out = {c: {n: [] for n in names} for c in ("wall", "cpu")}
+    out = {c: {n: [] for n in names} for c in CLOCKS}
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
             res = runners[name].run(warmup)
@@ -212,7 +257,7 @@ def main(argv=None):
     malloc = C.prepare_process(args)
     out_dir = C.tmpdir("hfd_bench_parity_")
     t_start = time.perf_counter()
-    pairs = PAIRS[:2] if args.quick else PAIRS
+    pairs = [PAIRS[i] for i in args.pairs] if args.pairs else PAIRS[:2] if args.quick else PAIRS
     n = args.warmup + args.steps
     md = [f"# {NAME}: DistillationTrainer (kd) vs timm's LogitDistillationTask, like for like", "",
           f"Command: `python benchmarks/{NAME}.py{''.join(' ' + a for a in sys.argv[1:])}`", "",
@@ -222,32 +267,68 @@ def main(argv=None):
           f"(after {args.warmup} left out), runners alternating by repetition, order rotated. "
           "`hf_distill` = `trainer.train()` with `max_grad_norm=0` (no clipping, as timm's loop); `hf_distill clip "
           "1.0` = the Trainer's default clipping; `timm` = `LogitDistillationTask` loop. Ratios: paired per "
-          "repetition, median (the 'cpu' clock, CPU time of this process, is the one to trust on a shared "
-          "machine).", ""]
+          "repetition, median. Clocks: 'wall'; 'cpu', CPU time of this process (mean over the steady steps); 'cpu q1', "
+          "the lower quartile of the steady steps' CPU times in a repetition, which moves least when other jobs "
+          "share the machine (they only ever add to a step's time).", ""]
+    if args.patched:
+        from _parity_patches import PIECES
+
+        md += [f"`hf_distill patched` = the same Trainer with the prototype fixes "
+               f"{', '.join('`' + p + '`' for p in args.patched)} of `benchmarks/_parity_patches.py` "
+               f"({'; '.join(PIECES[p].__doc__.split('.')[0].strip() for p in args.patched)}), proposed for "
+               "`hf_distill/trainer.py` in `results/parity_profile.md`.", ""]
+    if args.control:
+        md += ["`timm 2` = a second, independent `LogitDistillationTask` loop on fresh copies of the same models: "
+               "`timm 2 / timm` is this run's noise floor (two identical loops).", ""]
     rows, ratios = [], {}
     for teacher_name, student_name, size in ([] if args.compile_only else pairs):
         teacher, student = make(teacher_name, size, 0), make(student_name, size, 1)
         batches = C.make_batches(n, args.batch_size, size, seed=3)
-        runners = {"hf_distill": HF(teacher, student, batches, out_dir), "timm": Timm(teacher, student, batches),
-                   "hf_distill clip 1.0": HF(teacher, student, batches, out_dir, clip=1.0)}
+        runners = {"hf_distill": HF(teacher, student, batches, out_dir), "timm": Timm(teacher, student, batches)}
+        if not args.no_clip_runner:
+            runners["hf_distill clip 1.0"] = HF(teacher, student, batches, out_dir, clip=1.0)
+        if args.patched:
+            runners["hf_distill patched"] = HF(teacher, student, batches, out_dir, pieces=args.patched)
+        if args.control:
+            runners["timm 2"] = Timm(teacher, student, batches)
         l_hf, l_timm = runners["hf_distill"].first_loss(batches[0]), runners["timm"].first_loss(batches[0])
         assert abs(l_hf - l_timm) <= 1e-5 * max(1.0, abs(l_timm)), (l_hf, l_timm)
+        load0 = os.getloadavg()[0]
         times = interleaved(runners, args.reps, args.warmup)
+        load = f"{load0:.2f} -> {os.getloadavg()[0]:.2f}"
         pair = f"`{teacher_name}` -> `{student_name}` ({size}px)"
-        for clock in ("wall", "cpu"):
+        for clock in CLOCKS:
             t = times[clock]
             r, per = paired(t, "hf_distill", "timm")
-            rc, _ = paired(t, "hf_distill clip 1.0", "hf_distill")
             ratios[(pair, clock)] = r
-            rows.append((pair, clock, f"{statistics.median(t['hf_distill']):.1f}", f"{statistics.median(t['timm']):.1f}",
-                         f"**{r:.3f}**", " ".join(f"{x:.3f}" for x in per),
-                         f"{statistics.median(t['hf_distill clip 1.0']):.1f}", f"{rc:.3f}",
-                         f"{abs(l_hf - l_timm):.1e}"))
-        print(rows[-2:], flush=True)
+            row = [pair, clock, load, f"{statistics.median(t['hf_distill']):.1f}",
+                   f"{statistics.median(t['timm']):.1f}",
+                   f"**{r:.3f}**", f"{min(per):.3f}-{max(per):.3f}", " ".join(f"{x:.3f}" for x in per)]
+            if not args.no_clip_runner:
+                rc, _ = paired(t, "hf_distill clip 1.0", "hf_distill")
+                row += [f"{statistics.median(t['hf_distill clip 1.0']):.1f}", f"{rc:.3f}"]
+            if args.patched:
+                rp, per_p = paired(t, "hf_distill patched", "timm")
+                rpu, _ = paired(t, "hf_distill patched", "hf_distill")
+                ratios[(pair + " patched", clock)] = rp
+                row += [f"{statistics.median(t['hf_distill patched']):.1f}", f"**{rp:.3f}**",
+                        f"{min(per_p):.3f}-{max(per_p):.3f}", " ".join(f"{x:.3f}" for x in per_p), f"{rpu:.3f}"]
+            if args.control:
+                ra, per_a = paired(t, "timm 2", "timm")
+                row += [f"{ra:.3f} ({min(per_a):.3f}-{max(per_a):.3f})"]
+            rows.append(tuple(row + [f"{abs(l_hf - l_timm):.1e}"]))
+        print(rows[-len(CLOCKS):], flush=True)
+    headers = ["pair (teacher -> student)", "clock", "load (1 min) start -> end", "hf_distill ms/step", "timm ms/step",
+               "hf_distill / timm (paired median)", "spread", "per repetition"]
+    if not args.no_clip_runner:
+        headers += ["hf_distill clip 1.0 ms/step", "clip 1.0 / no clip"]
+    if args.patched:
+        headers += ["hf_distill patched ms/step", "patched / timm (paired median)", "spread", "per repetition",
+                    "patched / hf_distill"]
+    if args.control:
+        headers += ["timm 2 / timm (spread)"]
     md += [] if args.compile_only else ["## hf_distill / timm task, per pair", "",
-           C.md_table(["pair (teacher -> student)", "clock", "hf_distill ms/step", "timm ms/step",
-                       "hf_distill / timm (paired median)", "per repetition", "hf_distill clip 1.0 ms/step",
-                       "clip 1.0 / no clip", "first-batch loss diff"], rows), ""]
+           C.md_table(headers + ["first-batch loss diff"], rows), ""]
 
     if not (args.quick or args.no_compile):
         crows = []
