@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from contextlib import nullcontext
 from typing import Any, Sequence
 
 import torch
@@ -33,6 +34,7 @@ from .training.card_context import card_context, card_metrics, timing
 from .training.checkpoints import restore, write_extras, write_student
 from .training.container import DistillationModel, probe_shapes
 from .training.data_setup import align_label_spaces, split_stream_by_shard, training_data
+from .training.step_logging import logs_this_step
 from .training.evaluation import Evaluation, prediction_metrics, teacher_metrics  # noqa: F401 (public)
 
 logger = logging.getLogger(__name__)
@@ -161,7 +163,7 @@ class DistillationTrainer(Trainer):
         for line in self.teachers.describe_inputs():
             logger.info(line)
         self.teacher_source = TeacherSource(self.teachers, method, args, self.teacher_cache,
-                                            autocast=lambda: self.accelerator.autocast(), eval_logits=self._eval_logits)
+                                            autocast=self._teacher_autocast, eval_logits=self._eval_logits)
         probe = probe_shapes(method, student, self.teachers, self.teacher_cache, self.student_spec)
         set_seed(args.seed)  # the extra modules start the same for the same seed, whatever ran before
         extras = method.build_modules(student, teachers, probe)
@@ -229,15 +231,12 @@ class DistillationTrainer(Trainer):
                               backend=None, hp_name=None, metric: str | None = None, **kwargs):
         """``Trainer.hyperparameter_search`` (Optuna or Ray Tune) over distillation and Trainer arguments.
 
-        ``hp_space``: a search space dict (:mod:`hf_distill.search` format), or the Trainer's function of a
-        trial; default: the learning rate and the method's own weights (``temperature``, ``alpha``, ...).
-        The objective defaults to the student's ``eval_accuracy`` (label-free: ``eval_knn_accuracy``, else
-        ``eval_feature_cosine``), maximised; ``metric`` names another evaluation metric (``loss`` minimised).
-        The student (``model_init``) and the method's extra modules are rebuilt each trial; the teachers
-        and the teacher-output cache are loaded once and shared. ``search_trials`` lists each trial's
-        parameters and metrics (Optuna; Ray Tune reports them in ``best_run.run_summary``), and the
-        arguments are restored afterwards.
-        """
+        ``hp_space``: a search space dict (:mod:`hf_distill.search` format) or the Trainer's function of a trial;
+        default: the learning rate and the method's own weights. The objective defaults to the student's
+        ``eval_accuracy`` (label-free: ``eval_knn_accuracy``, else ``eval_feature_cosine``), maximised; ``metric``
+        names another (``loss`` minimised). Each trial is set up as ``__init__`` sets up a run, with a fresh student
+        (``model_init``); teachers and cache are loaded once. ``search_trials`` lists each trial's parameters and
+        metrics (Ray Tune: ``best_run.run_summary``); the arguments are restored afterwards."""
         from .search import SearchSpace, available_backend, check_backend, default_search_space, metric_objective
 
         if self._student_init is None:
@@ -296,14 +295,7 @@ class DistillationTrainer(Trainer):
 
     @property
     def progress(self) -> Progress:
-        state, steps = self.state, self._data.stream_epoch_steps
-        if steps is not None:  # a stream: epochs of its own length, not the Trainer's (max_steps long)
-            return Progress(step=state.global_step, max_steps=state.max_steps,
-                            epoch=state.global_step / steps if steps else 0.0,
-                            num_epochs=state.max_steps / steps if steps else 0.0, steps_per_epoch=steps)
-        return Progress(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0,
-                        num_epochs=float(getattr(state, "num_train_epochs", 0) or self.args.num_train_epochs),
-                        steps_per_epoch=self._steps_per_epoch)
+        return self._data.progress(self.state, self.args, self._steps_per_epoch)
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
@@ -384,6 +376,18 @@ class DistillationTrainer(Trainer):
                 if name not in trainable:
                     param.grad = None
         return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # without clipping the Trainer computes the norm of every gradient at each step only to log it (timm's loop
+        # makes no such pass): computed on logged steps alone; with clipping it comes from the clip, passed in
+        if grad_norm is None and not logs_this_step(self.args, self.state):
+            return None  # _maybe_log_save_evaluate reads it only when it logs
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _teacher_autocast(self):
+        # accelerator.autocast() builds its state and a generator context at every call; without mixed precision
+        # it enters a nullcontext: enter that directly
+        return self.accelerator.autocast() if self.accelerator.native_amp else nullcontext()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._term_sums and not any(k.startswith("eval_") for k in logs):

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from ..data import class_names_for, is_stream
+from ..methods import Progress
 from ..mixing import BatchMixer, EpochOrderedDataset
 from ..models import num_classes_of, set_label_names
 from ..teachers import check_label_spaces
@@ -24,6 +25,18 @@ class TrainingData:
     mixer: BatchMixer | None  # mixup / CutMix, applied once per batch for student and teachers
     # optimizer steps in one pass over a stream (0: unknown length); None for map-style data (the Trainer counts)
     stream_epoch_steps: int | None
+
+    def progress(self, state, args, steps_per_epoch: int) -> Progress:
+        """Where training stands, for the methods' schedules: a stream counts epochs of its own length (the
+        Trainer's epoch of a stream is max_steps long)."""
+        steps = self.stream_epoch_steps
+        if steps is not None:
+            return Progress(step=state.global_step, max_steps=state.max_steps,
+                            epoch=state.global_step / steps if steps else 0.0,
+                            num_epochs=state.max_steps / steps if steps else 0.0, steps_per_epoch=steps)
+        return Progress(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0,
+                        num_epochs=float(getattr(state, "num_train_epochs", 0) or args.num_train_epochs),
+                        steps_per_epoch=steps_per_epoch)
 
 
 def training_data(args, method, student, teachers, raw_dataset) -> TrainingData:
