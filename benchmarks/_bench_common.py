@@ -236,6 +236,11 @@ def make_args(out_dir: str, lr: float, temperature: float, alpha: float, **kw):
         dataloader_num_workers=0, seed=0, data_seed=0, max_steps=10,
     )
     base.update(kw)
+    from hf_distill.methods import get_method
+
+    if not get_method(base.get("distill_method", "kd")).uses_alpha:  # refused where the method has no alpha
+        base.pop("alpha")
+        base.pop("temperature")
     return DistillationTrainingArguments(**base)
 
 
@@ -303,7 +308,7 @@ class TrainerStep:
 
     def flush_logs(self):
         # what Trainer.log does at each logging step; keeps the list of per-step terms short
-        self.trainer._logged_terms.clear()
+        self.trainer._term_sums.clear()
 
 
 def make_trainer(student, teacher, batches, out_dir, lr, temperature, alpha, trainer_cls=None, **kw):

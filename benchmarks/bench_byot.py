@@ -195,7 +195,7 @@ class Stepper:
         self.trainer.training_step(self.model, batch)
         self.trainer.optimizer.step()
         self.model.zero_grad()
-        self.trainer._logged_terms.clear()
+        self.trainer._term_sums.clear()
 
 
 def run_timing(sweep: Sweep, s: dict) -> None:
