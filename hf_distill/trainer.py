@@ -35,7 +35,7 @@ from .training.checkpoints import restore, write_extras, write_student
 from .training.container import DistillationModel, probe_shapes
 from .training.data_setup import align_label_spaces, split_stream_by_shard, training_data
 from .training.step_logging import logs_this_step
-from .training.evaluation import Evaluation, prediction_metrics, teacher_metrics  # noqa: F401 (public)
+from .training.evaluation import Evaluation, prediction_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class DistillationTrainer(Trainer):
         self._term_sums: dict[str, torch.Tensor] = {}  # loss terms summed since the last log (running sums)
         self._term_counts: dict[str, int] = defaultdict(int)
         self.last_loss_terms: dict[str, torch.Tensor] = {}  # the terms of the last training step
-        self._stage, self._schedule_values = Stage(), {}
+        self._stage = Stage()  # the last training step's (its trainable parameters, the values it logs)
         self._evaluation = Evaluation()
 
         self.student_spec = input_spec(student)
@@ -358,7 +358,6 @@ class DistillationTrainer(Trainer):
             for key, value in self.last_loss_terms.items():
                 self._term_sums[key] = self._term_sums[key] + value if key in self._term_sums else value
                 self._term_counts[key] += 1
-            self._schedule_values = stage.values  # as they were for this step (the state moves on by log time)
         return (loss, out) if return_outputs else loss
 
     def _memory_format(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -396,7 +395,7 @@ class DistillationTrainer(Trainer):
                 logs[key] = round(self.accelerator.reduce(mean, reduction="mean").item(), 6)
             self._term_sums.clear()
             self._term_counts.clear()
-            logs.update(self._schedule_values)
+            logs.update(self._stage.values)  # as they were for the last step (the state moves on by log time)
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ evaluation

@@ -23,7 +23,7 @@ from torch import nn
 from ..models.exits import BOTTLENECKS, ExitHead, ExitSpec, MultiExitModel, deepest_target
 from ..losses import kd_loss, soft_kl
 from ..models.taps import TOKENS
-from .base import DistillationMethod, Layers, Stage, StepOutputs
+from .base import DistillationMethod, Layers, StepOutputs
 from .fitnets import Hints
 
 FEATURE_REDUCTIONS = ("sum", "mean")

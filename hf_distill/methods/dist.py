@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..losses import dist_terms
-from .base import DistillationMethod, Layers, Stage, StepOutputs
+from .base import DistillationMethod, Stage, StepOutputs
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..losses import dkd_terms
-from .base import DistillationMethod, Layers, Progress, Stage, StepOutputs
+from .base import DistillationMethod, Progress, Stage, StepOutputs
 
 
 @dataclass

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..losses import soft_kl
 from ..models.taps import NCHW, NHWC, TOKENS, resize_map, to_nchw
-from .base import DistillationMethod, Layers, Stage, StepOutputs
+from .base import DistillationMethod, Layers, StepOutputs
 
 
 @dataclass

@@ -65,7 +65,7 @@ class TeacherSource:
             # soft labels read from the cache: the teacher does not run at all (a cache holds no tapped features:
             # a method that taps the teacher is refused one at construction)
             return self._combine([inputs["teacher_logits"].float()], training), {}
-        return self.live(pixel_values, training, logits=stage is None or stage.teacher_logits)
+        return self.live(pixel_values, training, logits=not training or stage is None or stage.teacher_logits)
 
     def live(self, pixel_values: torch.Tensor, training: bool = False, logits: bool = True
              ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
